@@ -1,0 +1,88 @@
+"""The ``lowbit::matmul`` custom op: ``x @ W.T (+ bias)`` for a quantized ``W``.
+
+Registered with ``torch.library`` (with a fake implementation) so ``torch.compile`` traces it
+as one opaque node and CUDA graphs capture it. Backends:
+
+* ``reference``: dequantize, then multiply in float32 (any device; the CPU path).
+* ``triton``: the Triton kernels (CUDA, or the Triton interpreter on CPU with TRITON_INTERPRET=1).
+* ``auto``: on CUDA, the kernel dispatcher (fused kernel or dequantize + cuBLAS, whichever the
+  tuned tables say is faster for this shape); elsewhere ``reference``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .qweight import QuantizedWeight
+from .scheme import Scheme
+
+__all__ = ["matmul", "BACKENDS"]
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _weight(packed, scales, zeros, perm, scheme, n, k, weight_dtype) -> QuantizedWeight:
+    return QuantizedWeight(Scheme.parse(scheme), (n, k), tuple(packed), scales, zeros, perm,
+                           getattr(torch, weight_dtype))
+
+
+def reference_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x.to(torch.float32) @ qw.dequantize(torch.float32).T
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
+
+
+@torch.library.custom_op("lowbit::matmul", mutates_args=())
+def _matmul_op(x: torch.Tensor, packed: list[torch.Tensor], scales: torch.Tensor, zeros: Optional[torch.Tensor],
+               perm: Optional[torch.Tensor], bias: Optional[torch.Tensor], scheme: str, out_features: int,
+               in_features: int, weight_dtype: str, backend: str) -> torch.Tensor:
+    qw = _weight(packed, scales, zeros, perm, scheme, out_features, in_features, weight_dtype)
+    x2 = x.reshape(-1, in_features)
+    if backend == "reference" or (backend == "auto" and x.device.type != "cuda"):
+        y = reference_matmul(x2, qw, bias)
+    else:
+        from .kernels import dispatch
+
+        y = dispatch.matmul(x2, qw, bias, force_triton=backend == "triton")
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@_matmul_op.register_fake
+def _(x, packed, scales, zeros, perm, bias, scheme, out_features, in_features, weight_dtype, backend):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, backend: str) -> None:
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"expected a lowbit.QuantizedWeight, got {type(qw).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != qw.in_features:
+        raise ValueError(f"x must have shape [..., {qw.in_features}] (in_features), got {tuple(x.shape)}")
+    if x.device != qw.device:
+        raise ValueError(f"x is on {x.device} but the quantized weight is on {qw.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (qw.out_features,):
+            raise ValueError(f"bias must be a tensor of shape ({qw.out_features},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+           backend: str = "auto") -> torch.Tensor:
+    """``x [..., in_features] @ W.T + bias -> [..., out_features]`` in x's dtype."""
+    check_inputs(x, qw, bias, backend)
+    return matmul_unchecked(x, qw, bias, backend)
+
+
+def matmul_unchecked(x, qw: QuantizedWeight, bias, backend: str = "auto") -> torch.Tensor:
+    return torch.ops.lowbit.matmul(x, list(qw.packed), qw.scales, qw.zeros, qw.perm, bias, str(qw.scheme),
+                                   qw.out_features, qw.in_features, str(qw.dtype).removeprefix("torch."), backend)

@@ -1,0 +1,180 @@
+"""QuantizedWeight: packed codes, scales, zero points and the scheme that made them."""
+
+from __future__ import annotations
+
+import torch
+
+from . import pack as _pack
+from .scheme import Scheme
+
+__all__ = ["QuantizedWeight"]
+
+_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class QuantizedWeight:
+    """A weight ``[out_features, in_features]`` quantized under a :class:`Scheme`.
+
+    Tensors (all in the kernels' layout, see :mod:`lowbit.pack`):
+
+    * ``packed``: one tensor per bit segment of the codes.
+    * ``scales``: ``[groups, out_features]`` (group-major, so a tile of rows reads contiguous
+      scales). float16/bfloat16 following the weight for group scales, float32 for per-channel
+      scales, uint8 E8M0 exponents for ``mx`` schemes.
+    * ``zeros``: ``[groups, out_features]`` uint8 zero-point codes (asymmetric schemes only).
+    * ``perm``: optional ``[in_features]`` int64 column order (GPTQ act-order): the codes hold
+      ``W[:, perm]`` and the matmul reads ``x[..., perm]``.
+    """
+
+    def __init__(self, scheme: Scheme, shape: tuple[int, int], packed: tuple[torch.Tensor, ...],
+                 scales: torch.Tensor, zeros: torch.Tensor | None = None, perm: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float16):
+        self.scheme = Scheme.parse(scheme)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.packed = tuple(packed)
+        self.scales = scales
+        self.zeros = zeros
+        self.perm = perm
+        self.dtype = dtype
+        self.validate()
+
+    # -- structure ---------------------------------------------------------------------------
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def num_groups(self) -> int:
+        g = self.scheme.group_size
+        return 1 if g == -1 else -(-self.in_features // g)
+
+    @property
+    def device(self) -> torch.device:
+        return self.scales.device
+
+    def expected_scale_dtype(self) -> torch.dtype:
+        if self.scheme.mx:
+            return torch.uint8
+        if self.scheme.per_channel or self.dtype == torch.float32:
+            return torch.float32
+        return self.dtype
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first tensor whose shape or dtype does not fit the scheme."""
+        n, k = self.shape
+        if n <= 0 or k <= 0:
+            raise ValueError(f"QuantizedWeight shape must be positive, got {self.shape}")
+        if self.dtype not in _ACT_DTYPES:
+            raise ValueError(f"QuantizedWeight dtype must be float16, bfloat16 or float32, got {self.dtype}")
+        segs = _pack.SEGMENTS[self.scheme.bits]
+        if len(self.packed) != len(segs):
+            raise ValueError(f"packed: {self.scheme} needs {len(segs)} segment tensor(s), got {len(self.packed)}")
+        for i, (s, t) in enumerate(zip(segs, self.packed)):
+            want = _pack.segment_shape(n, k, s)
+            if tuple(t.shape) != want or t.dtype != _pack.segment_dtype(s):
+                raise ValueError(f"packed[{i}] ({s}-bit segment): expected {_pack.segment_dtype(s)} {want}, "
+                                 f"got {t.dtype} {tuple(t.shape)}")
+        want = (self.num_groups, n)
+        if tuple(self.scales.shape) != want or self.scales.dtype != self.expected_scale_dtype():
+            raise ValueError(f"scales: expected {self.expected_scale_dtype()} {want}, "
+                             f"got {self.scales.dtype} {tuple(self.scales.shape)}")
+        if self.scheme.symmetric != (self.zeros is None):
+            raise ValueError(f"zeros: {'not expected' if self.scheme.symmetric else 'required'} for {self.scheme}")
+        if self.zeros is not None and (tuple(self.zeros.shape) != want or self.zeros.dtype != torch.uint8):
+            raise ValueError(f"zeros: expected uint8 {want}, got {self.zeros.dtype} {tuple(self.zeros.shape)}")
+        if self.perm is not None and (tuple(self.perm.shape) != (k,) or self.perm.dtype != torch.int64):
+            raise ValueError(f"perm: expected int64 ({k},), got {self.perm.dtype} {tuple(self.perm.shape)}")
+        devices = {t.device for t in self.tensors().values()}
+        if len(devices) != 1:
+            raise ValueError(f"all tensors of a QuantizedWeight must be on one device, got {sorted(map(str, devices))}")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor by a stable name (the checkpoint keys, relative to the layer)."""
+        out = {f"packed_{i}": t for i, t in enumerate(self.packed)}
+        out["scales"] = self.scales
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
+        if self.perm is not None:
+            out["perm"] = self.perm
+        return out
+
+    def meta(self) -> dict:
+        return {"scheme": str(self.scheme), "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."),
+                "layout": _pack.LAYOUT}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "QuantizedWeight":
+        """Inverse of :meth:`tensors` + :meth:`meta`; raises ValueError on anything missing or malformed."""
+        if meta.get("layout") != _pack.LAYOUT:
+            raise ValueError(f"layout {meta.get('layout')!r} is not supported (expected {_pack.LAYOUT!r})")
+        dtype = getattr(torch, str(meta.get("dtype")), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype {meta.get('dtype')!r} is not a torch dtype")
+        shape = meta.get("shape")
+        if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(d, int) for d in shape)):
+            raise ValueError(f"shape must be two integers, got {shape!r}")
+        scheme = Scheme.parse(meta.get("scheme"))
+        nseg = len(_pack.SEGMENTS[scheme.bits])
+        names = [f"packed_{i}" for i in range(nseg)] + ["scales"]
+        names += [] if scheme.symmetric else ["zeros"]
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ValueError(f"missing tensor(s) {missing} for {scheme}")
+        extra = set(tensors) - set(names) - {"perm"}
+        if extra:
+            raise ValueError(f"unexpected tensor(s) {sorted(extra)} for {scheme}")
+        return cls(scheme, tuple(shape), tuple(tensors[f"packed_{i}"] for i in range(nseg)), tensors["scales"],
+                   tensors.get("zeros"), tensors.get("perm"), dtype)
+
+    # -- values ------------------------------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes ``[out, in]`` (uint8), in stored column order."""
+        return _pack.unpack_codes(self.packed, self.scheme.bits, self.in_features)
+
+    def scale_values(self) -> torch.Tensor:
+        """Scales as float32 ``[groups, out]`` (E8M0 exponents decoded for mx)."""
+        if self.scheme.mx:
+            return torch.ldexp(torch.ones(self.scales.shape, device=self.device), self.scales.to(torch.int32) - 127)
+        return self.scales.to(torch.float32)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weights ``[out, in]`` in original column order: ``decode(codes - zero) * scale``
+        computed in float32 (exact), then rounded to ``dtype`` (default: the weight's dtype)."""
+        from .quantize.rtn import decode_codes  # the one definition of code -> value
+
+        n, k = self.shape
+        g = self.scheme.group_size
+        cols = torch.arange(k, device=self.device) // (k if g == -1 else g)
+        scales = self.scale_values()[cols].T  # [n, k]
+        zeros = None if self.zeros is None else self.zeros[cols].T
+        w = decode_codes(self.codes(), self.scheme, scales, zeros)
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w.to(dtype or self.dtype)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Payload bits per weight: codes, scales and zero points (not the kernel layout's padding of K)."""
+        n, k = self.shape
+        bits = self.scheme.bits * n * k + (self.scales.element_size() * 8) * self.scales.numel()
+        if self.zeros is not None:
+            bits += 8 * self.zeros.numel()
+        return bits / (n * k)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored, padding included."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def to(self, device) -> "QuantizedWeight":
+        return QuantizedWeight(self.scheme, self.shape, tuple(t.to(device) for t in self.packed),
+                               self.scales.to(device), None if self.zeros is None else self.zeros.to(device),
+                               None if self.perm is None else self.perm.to(device), self.dtype)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedWeight({self.scheme}, shape={self.shape}, dtype={self.dtype}, "
+                f"bits_per_weight={self.bits_per_weight:.3f}, device={self.device})")
