@@ -1,0 +1,203 @@
+"""Kernel choice and launch for ``lowbit.matmul`` on a GPU (or the Triton interpreter).
+
+The path and launch configuration come from the shape alone (no tuning at call time, no host
+sync), so calls are safe inside ``torch.compile`` and CUDA graph capture:
+
+1. a tuned table shipped per GPU name (``configs/<gpu>.json``, written by ``lowbit tune``),
+   matched on (bits, group kind, N, K) and the batch bucket;
+2. otherwise :func:`heuristic_config`.
+
+A config either runs the fused kernel or, for large batches, dequantizes the weight once and
+calls cuBLAS (``path == "dequant"``), whichever the table measured faster.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import pack as _pack
+from ..qweight import QuantizedWeight
+from .triton_matmul import lowbit_dequant_kernel, lowbit_matmul_kernel
+
+__all__ = ["KernelConfig", "matmul", "fused_matmul", "dequantize", "choose_config", "heuristic_config"]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    path: str = "fused"  # "fused" or "dequant" (dequantize + cuBLAS)
+    block_n: int = 64
+    block_m: int = 16
+    split_k: int = 1
+    swap_ab: bool = True
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def __post_init__(self):
+        if self.path not in ("fused", "dequant"):
+            raise ValueError(f"KernelConfig.path must be 'fused' or 'dequant', got {self.path!r}")
+        for name in ("block_n", "block_m"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {v}")
+        if self.split_k < 1:
+            raise ValueError(f"KernelConfig.split_k must be >= 1, got {self.split_k}")
+
+
+def _scheme_constants(qw: QuantizedWeight, compute: torch.dtype) -> dict:
+    fmt = qw.scheme.fmt
+    segs = tuple(_pack.SEGMENTS[fmt.bits]) + (0, 0)
+    if fmt.is_float:
+        if fmt.exp_bits > 5:
+            raise ValueError(f"{fmt.name}: the kernels decode floats through fp16 and need E <= 5")
+        float_factor, man_bits, offset = float(2.0 ** (15 - fmt.bias)), fmt.man_bits, 0
+    else:
+        float_factor, man_bits, offset = 1.0, 0, fmt.offset
+    return dict(BITS=fmt.bits, SEG0=segs[0], SEG1=segs[1], SEG2=segs[2], IS_FLOAT=fmt.is_float, MAN_BITS=man_bits,
+                FLOAT_FACTOR=float_factor, SYMMETRIC=qw.scheme.symmetric, OFFSET=offset,
+                GROUP_SIZE=qw.scheme.group_size, SCALE_MX=qw.scheme.mx, COMPUTE=_TL_DTYPES[compute])
+
+
+def _segment_args(qw: QuantizedWeight):
+    segs = list(qw.packed) + [qw.packed[0]] * (3 - len(qw.packed))
+    return segs, [s.stride(0) for s in segs]
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Per-tile arrival counters of the split-K reduction: zero between launches (the kernel resets them)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, cfg: KernelConfig) -> torch.Tensor:
+    """The fused kernel with an explicit config: ``x [M, K]`` (fp16/bf16, contiguous rows) -> ``[M, N]``."""
+    m, k = x.shape
+    n = qw.out_features
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    k_tiles = triton.cdiv(k, _pack.TILE_K)
+    split = min(cfg.split_k, k_tiles)
+    per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, per_split)  # no empty split
+    grid_mn = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    counters = _counters(x.device, grid_mn) if split > 1 else out
+    segs, strides = _segment_args(qw)
+    lowbit_matmul_kernel[(grid_mn, split)](
+        x, *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, bias if bias is not None else out,
+        out, partial, counters, m, n, k, x.stride(0), out.stride(0), *strides, per_split, qw.num_groups, split,
+        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_scheme_constants(qw, x.dtype))
+    return out
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype, block_n: int = 64) -> torch.Tensor:
+    """``qw.dequantize(dtype)`` by a Triton kernel (in stored column order, i.e. before ``perm``)."""
+    n, k = qw.shape
+    out = torch.empty(n, k, dtype=dtype, device=qw.device)
+    segs, strides = _segment_args(qw)
+    lowbit_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, _pack.TILE_K))](
+        *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, out, n, k, *strides, qw.num_groups,
+        BLOCK_N=block_n, num_warps=4, **_scheme_constants(qw, dtype))
+    return out
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 8
+
+
+def heuristic_config(m: int, n: int, k: int, bits: int, sms: int) -> KernelConfig:
+    """A reasonable config from first principles (used where no tuned entry exists).
+
+    Small batches: weights as the wide operand (swap A/B), 64-row tiles, split-K until the grid
+    covers the SMs about twice. Large batches: token tiles of 64/128, dequantize + cuBLAS past 512.
+    """
+    k_tiles = triton.cdiv(k, _pack.TILE_K)
+    if m <= 64:
+        block_m = max(16, triton.next_power_of_2(m))
+        block_n = 64
+        swap = True
+    else:
+        if m > 512:
+            return KernelConfig(path="dequant")
+        block_m, block_n, swap = (64 if m <= 128 else 128), 128, False
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    split = 1
+    while tiles * split < 2 * sms and split * 2 <= min(16, max(1, k_tiles // 2)):
+        split *= 2
+    return KernelConfig(block_n=block_n, block_m=block_m, split_k=split, swap_ab=swap,
+                        num_warps=4 if swap else 8, num_stages=4 if swap else 3)
+
+
+def _gpu_slug(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device).lower().replace(" ", "-") if device.type == "cuda" else "cpu"
+
+
+@lru_cache(maxsize=None)
+def tuned_table(slug: str) -> tuple:
+    path = CONFIG_DIR / f"{slug}.json"
+    if not path.exists():
+        return ()
+    data = json.loads(path.read_text())
+    return tuple((e["key"], KernelConfig(**e["config"])) for e in data["entries"])
+
+
+def table_key(m: int, n: int, k: int, qw_bits: int, per_channel: bool) -> dict:
+    return {"bits": qw_bits, "per_channel": per_channel, "n": n, "k": k, "m": m}
+
+
+def choose_config(m: int, qw: QuantizedWeight, device: torch.device) -> KernelConfig:
+    """The tuned entry of the nearest batch bucket for this (bits, scale kind, N, K), else the heuristic."""
+    n, k = qw.shape
+    entries = [(key, cfg) for key, cfg in tuned_table(_gpu_slug(device))
+               if key["bits"] == qw.scheme.bits and key["per_channel"] == qw.scheme.per_channel
+               and key["n"] == n and key["k"] == k]
+    if entries:
+        # the smallest tuned batch >= m (or the largest one)
+        above = [e for e in entries if e[0]["m"] >= m]
+        key, cfg = min(above, key=lambda e: e[0]["m"]) if above else max(entries, key=lambda e: e[0]["m"])
+        if cfg.path == "fused" and cfg.swap_ab and cfg.block_m < m:
+            cfg = KernelConfig(**{**asdict(cfg), "block_m": max(16, triton.next_power_of_2(min(m, 64)))})
+        return cfg
+    return heuristic_config(m, n, k, qw.scheme.bits, _num_sms(device))
+
+
+def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, force_triton: bool = False,
+           config: KernelConfig | None = None) -> torch.Tensor:
+    """``x [M, K] @ W.T + bias`` on the GPU (or the interpreter with ``force_triton``)."""
+    if x.dtype == torch.float32:
+        if force_triton:
+            raise ValueError("the Triton kernels take float16 or bfloat16 activations, got float32")
+        w = dequantize(qw, torch.float32) if x.is_cuda else qw.dequantize(torch.float32)
+        return torch.nn.functional.linear(x if qw.perm is None else x[:, qw.perm], w, bias)
+    if qw.perm is not None:
+        x = x.index_select(1, qw.perm)
+    x = x.contiguous()
+    cfg = config or choose_config(x.shape[0], qw, x.device)
+    if cfg.path == "dequant" and force_triton:  # the fused kernel at its largest tiles
+        cfg = heuristic_config(512, qw.out_features, qw.in_features, qw.scheme.bits, _num_sms(x.device))
+    if cfg.path == "dequant":
+        w = dequantize(qw, x.dtype)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return fused_matmul(x, qw, bias, cfg)
+

@@ -1,0 +1,221 @@
+"""Triton kernels: fused low-bit-weight matmul, and dequantization (for the prefill path).
+
+Both read the ``tiled-planes-v1`` layout (see :mod:`lowbit.pack`): a weight tile of
+``BLOCK_N`` rows x 128 input weights is one ``[BLOCK_N, 16]`` word tile per bit segment; one
+shift-and-mask gives plane ``j`` (16 consecutive k), which is decoded to fp16/bf16 with a few
+integer operations (exponent bit tricks, no int-to-float conversion) and fed to ``tl.dot``.
+
+Orientation: with ``SWAP_AB`` the weight is the wide (M-side) operand of the matrix instruction,
+``out.T[N, M] = W[N, K] @ x.T[K, M]``, so a batch of 1..64 tokens still fills 64-row wgmma tiles;
+without it, ``out[M, N] = x @ W.T`` with large token tiles (prefill).
+
+Split-K is reduced inside the kernel, deterministically: each split writes an fp32 partial,
+bumps a per-tile counter, and the last split to arrive sums all partials in split order, writes
+the output and resets the counter (so the counters stay zero between launches and under CUDA
+graph replay).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _extract_codes(w0, w1, w2, j: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr):
+    """Codes of plane ``j`` from the word tiles of up to three segments (most significant first)."""
+    code = (w0.to(tl.int32) >> (j * SEG0)) & ((1 << SEG0) - 1)
+    if SEG1 > 0:
+        code = (code << SEG1) | ((w1.to(tl.int32) >> (j * SEG1)) & ((1 << SEG1) - 1))
+    if SEG2 > 0:
+        code = (code << SEG2) | ((w2.to(tl.int32) >> (j * SEG2)) & ((1 << SEG2) - 1))
+    return code
+
+
+@triton.jit
+def _decode(code, zero, COMPUTE: tl.constexpr, IS_FLOAT: tl.constexpr, BITS: tl.constexpr,
+            MAN_BITS: tl.constexpr):
+    """Codes -> values in ``COMPUTE`` dtype, exactly.
+
+    Integers: ``v = code - zero``, built by adding into the mantissa of a float whose ulp is 1
+    (fp16 1536 + v, fp32 1.5 * 2^23 + v; |v| < 512 stays in the binade), then subtracting that float.
+    Floats: sign and exponent/mantissa bits are moved into an fp16 pattern; the result is the
+    true value times 2^(bias - 15) (subnormals included), the factor being folded into the scale.
+    """
+    if IS_FLOAT:
+        sign = (code >> (BITS - 1)) << 15
+        em = (code & ((1 << (BITS - 1)) - 1)) << (10 - MAN_BITS)
+        v = (sign | em).to(tl.int16).to(tl.float16, bitcast=True)
+        if COMPUTE != tl.float16:
+            v = v.to(COMPUTE)
+        return v
+    if COMPUTE == tl.float16:
+        return ((code - zero + (0x6400 + 512)).to(tl.int16).to(tl.float16, bitcast=True) - 1536.0).to(tl.float16)
+    return ((code - zero + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0).to(COMPUTE)
+
+
+@triton.jit
+def _scale_values(scales_ptr, zeros_ptr, g, n_groups, rn, n_mask, N, SYMMETRIC: tl.constexpr, SCALE_MX: tl.constexpr,
+                  OFFSET: tl.constexpr, FLOAT_FACTOR: tl.constexpr):
+    """float32 scales (times the float decode factor) and integer zero points of group ``g`` for rows ``rn``.
+    Groups past the last one (K padding, whose x is zero) read the last group."""
+    g = tl.minimum(g, n_groups - 1)
+    if SCALE_MX:
+        e = tl.load(scales_ptr + g * N + rn, mask=n_mask, other=127).to(tl.int32)
+        s = (e << 23).to(tl.float32, bitcast=True)
+    else:
+        s = tl.load(scales_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+    s = s * FLOAT_FACTOR
+    if SYMMETRIC:
+        z = tl.full(rn.shape, OFFSET, tl.int32)
+    else:
+        z = tl.load(zeros_ptr + g * N + rn, mask=n_mask, other=0).to(tl.int32)
+    return s, z
+
+
+@triton.jit
+def lowbit_matmul_kernel(
+    x_ptr, seg0_ptr, seg1_ptr, seg2_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+    M, N, K, stride_xm, stride_om, stride_w0, stride_w1, stride_w2, k_tiles_per_split, n_groups, split_k,
+    BITS: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr,
+    IS_FLOAT: tl.constexpr, MAN_BITS: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
+    SYMMETRIC: tl.constexpr, OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr,
+):
+    TILE_K: tl.constexpr = 128
+    PD: tl.constexpr = 128 if SEG0 == 8 else 16  # plane depth: k per plane
+    NP: tl.constexpr = TILE_K // PD  # planes per tile
+    PER_CHANNEL: tl.constexpr = GROUP_SIZE == -1
+
+    num_m_tiles = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_n = pid // num_m_tiles  # m fastest: programs sharing a weight tile run together (L2 reuse)
+    pid_m = pid % num_m_tiles
+    pid_k = tl.program_id(1)
+
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rp = tl.arange(0, PD)
+    n_mask = rn < N
+    m_mask = rm < M
+
+    k_tiles = tl.cdiv(K, TILE_K)
+    t_start = pid_k * k_tiles_per_split
+    t_end = tl.minimum(t_start + k_tiles_per_split, k_tiles)
+
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if PER_CHANNEL:
+        s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, 0, n_groups, rn, n_mask, N, SYMMETRIC, SCALE_MX, OFFSET,
+                                       FLOAT_FACTOR)
+
+    for t in range(t_start, t_end):
+        w0 = tl.load(seg0_ptr + rn[:, None] * stride_w0 + t * PD + rp[None, :], mask=n_mask[:, None], other=0,
+                     eviction_policy="evict_first")
+        w1 = w0
+        w2 = w0
+        if SEG1 > 0:
+            w1 = tl.load(seg1_ptr + rn[:, None] * stride_w1 + t * PD + rp[None, :], mask=n_mask[:, None], other=0,
+                         eviction_policy="evict_first")
+        if SEG2 > 0:
+            w2 = tl.load(seg2_ptr + rn[:, None] * stride_w2 + t * PD + rp[None, :], mask=n_mask[:, None], other=0,
+                         eviction_policy="evict_first")
+        if not PER_CHANNEL:
+            if GROUP_SIZE >= TILE_K:
+                s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, (t * TILE_K) // GROUP_SIZE, n_groups, rn, n_mask, N,
+                                               SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
+        for j in tl.static_range(NP):
+            k0 = t * TILE_K + j * PD
+            if not PER_CHANNEL:
+                if GROUP_SIZE < TILE_K:
+                    s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, k0 // GROUP_SIZE, n_groups, rn, n_mask, N,
+                                                   SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
+            code = _extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2)
+            w = _decode(code, z_tile[:, None], COMPUTE, IS_FLOAT, BITS, MAN_BITS)
+            if not PER_CHANNEL:
+                w = (w.to(tl.float32) * s_tile[:, None]).to(COMPUTE)
+            rk = k0 + rp
+            if SWAP_AB:
+                xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None], mask=m_mask[None, :] & (rk[:, None] < K),
+                             other=0.0)
+                acc = tl.dot(w, xt.to(COMPUTE), acc)
+            else:
+                xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K),
+                             other=0.0)
+                acc = tl.dot(xs.to(COMPUTE), tl.trans(w), acc)
+
+    if PER_CHANNEL:
+        if SWAP_AB:
+            acc = acc * s_tile[:, None]
+        else:
+            acc = acc * s_tile[None, :]
+
+    # Offsets of the output tile, in the accumulator's orientation.
+    if SWAP_AB:
+        o_off = rm[None, :] * stride_om + rn[:, None]
+        p_off = rm[None, :] * N + rn[:, None]
+        o_mask = m_mask[None, :] & n_mask[:, None]
+    else:
+        o_off = rm[:, None] * stride_om + rn[None, :]
+        p_off = rm[:, None] * N + rn[None, :]
+        o_mask = m_mask[:, None] & n_mask[None, :]
+
+    if split_k > 1:
+        tl.store(partial_ptr + pid_k * M * N + p_off, acc, mask=o_mask)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
+        if arrived == split_k - 1:
+            tl.debug_barrier()
+            acc = tl.load(partial_ptr + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, split_k):
+                acc += tl.load(partial_ptr + s * M * N + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+            _store_output(acc, bias_ptr, out_ptr, o_off, o_mask, rn, n_mask, HAS_BIAS, SWAP_AB)
+            tl.atomic_xchg(counter_ptr + pid, 0)
+    else:
+        _store_output(acc, bias_ptr, out_ptr, o_off, o_mask, rn, n_mask, HAS_BIAS, SWAP_AB)
+
+
+@triton.jit
+def _store_output(acc, bias_ptr, out_ptr, o_off, o_mask, rn, n_mask, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr):
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        if SWAP_AB:
+            acc = acc + b[:, None]
+        else:
+            acc = acc + b[None, :]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def lowbit_dequant_kernel(
+    seg0_ptr, seg1_ptr, seg2_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, stride_w0, stride_w1, stride_w2, n_groups,
+    BITS: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr,
+    IS_FLOAT: tl.constexpr, MAN_BITS: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
+    SYMMETRIC: tl.constexpr, OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MX: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``out[N, K]`` = the weight in ``COMPUTE`` dtype (as ``QuantizedWeight.dequantize(COMPUTE)``)."""
+    TILE_K: tl.constexpr = 128
+    PD: tl.constexpr = 128 if SEG0 == 8 else 16
+    NP: tl.constexpr = TILE_K // PD
+    t = tl.program_id(1)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rp = tl.arange(0, PD)
+    n_mask = rn < N
+    w0 = tl.load(seg0_ptr + rn[:, None] * stride_w0 + t * PD + rp[None, :], mask=n_mask[:, None], other=0)
+    w1 = w0
+    w2 = w0
+    if SEG1 > 0:
+        w1 = tl.load(seg1_ptr + rn[:, None] * stride_w1 + t * PD + rp[None, :], mask=n_mask[:, None], other=0)
+    if SEG2 > 0:
+        w2 = tl.load(seg2_ptr + rn[:, None] * stride_w2 + t * PD + rp[None, :], mask=n_mask[:, None], other=0)
+    for j in tl.static_range(NP):
+        k0 = t * TILE_K + j * PD
+        g = 0 if GROUP_SIZE == -1 else k0 // GROUP_SIZE
+        s, z = _scale_values(scales_ptr, zeros_ptr, g, n_groups, rn, n_mask, N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
+        v = _decode(_extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2), z[:, None], COMPUTE, IS_FLOAT, BITS, MAN_BITS)
+        w = (v.to(tl.float32) * s[:, None]).to(COMPUTE)
+        rk = k0 + rp
+        tl.store(out_ptr + rn[:, None] * K + rk[None, :], w, mask=n_mask[:, None] & (rk[None, :] < K))
