@@ -73,7 +73,7 @@ def _layer_hessian(inputs, hessian, in_features: int, device) -> torch.Tensor:
                              f"got {tuple(hessian.shape)}")
         if not torch.isfinite(hessian).all():
             raise ValueError("hessian has inf or NaN values")
-        return hessian.to(device=device, dtype=torch.float32)
+        return hessian.to(device=device, dtype=torch.float32, copy=True)
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
         raise ValueError(f"inputs must be a floating-point tensor [n, {in_features}], got {type(inputs).__name__}"
                          + (f" {inputs.dtype}" if isinstance(inputs, torch.Tensor) else ""))
@@ -90,15 +90,14 @@ def _layer_hessian(inputs, hessian, in_features: int, device) -> torch.Tensor:
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``: row ``i`` right of the diagonal
     is how column ``i``'s error spreads over the later columns."""
-    h = h.clone()
-    h.diagonal().add_(damp * h.diagonal().mean())
+    h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     lower, info = torch.linalg.cholesky_ex(h)
     if info.item() == 0:
         upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-    if info.item() != 0:
-        raise ValueError(f"the Hessian is not positive definite even after dampening by damp={damp}: "
-                         "increase damp or give more calibration inputs")
-    return upper
+        if info.item() == 0:
+            return upper
+    raise ValueError(f"the Hessian is not positive definite even after dampening by damp={damp}: "
+                     "increase damp or give more calibration inputs")
 
 
 def quantize_gptq(w: torch.Tensor, scheme, inputs: torch.Tensor | None = None, *, clip_search: bool = False,
