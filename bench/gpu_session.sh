@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, optional tuning, then the layer benchmark; JSON/logs under $OUT,
+# a short table last. Knobs (env): TESTS (pytest -k expression, "none" to skip), TUNE_ARGS
+# (arguments of `lowbit tune`, empty to skip), BENCH_ARGS (arguments of `lowbit bench layers`).
+set -u
+OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+if [ "${TESTS:-}" != "none" ]; then
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu tests ${TESTS:+-k "$TESTS"} -p no:cacheprovider \
+    > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests exit $?"; tail -n 15 "$OUT/gpu_tests.log"
+fi
+if [ -n "${TUNE_ARGS:-}" ]; then
+  timeout ${TUNE_TIMEOUT:-240} python3 -m lowbit.kernels.tune $TUNE_ARGS --out "$OUT/tuned.json" > "$OUT/tune.log" 2>&1
+  echo "tune exit $?"; tail -n 40 "$OUT/tune.log"
+fi
+timeout ${BENCH_TIMEOUT:-300} python3 -m lowbit.bench.layers ${BENCH_ARGS:-} --json "$OUT/layers.json" \
+  --plot "$OUT/layers.png" 2>&1 | tee "$OUT/bench.log" | tail -n 40

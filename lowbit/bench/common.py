@@ -1,0 +1,102 @@
+"""Shared benchmark machinery: layer sets, random quantized weights, CUDA-graph timing, run metadata."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import statistics
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .. import pack as _pack
+from ..qweight import QuantizedWeight
+from ..quantize.rtn import build, scale_storage_dtype
+from ..scheme import Scheme
+
+# (name, in_features K, out_features N) of one transformer block.
+LAYER_SETS = {
+    "llama2-7b": [("qkv", 4096, 12288), ("o", 4096, 4096), ("gate_up", 4096, 22016), ("down", 11008, 4096)],
+    "llama2-70b": [("qkv", 8192, 10240), ("o", 8192, 8192), ("gate_up", 8192, 57344), ("down", 28672, 8192)],
+}
+
+
+def random_qweight(scheme, n: int, k: int, dtype: torch.dtype, device) -> QuantizedWeight:
+    """A QuantizedWeight with uniformly random codes and realistic random scales (no quantizer run),
+    built directly on ``device``: what a benchmark needs, fast even for 70B-sized layers."""
+    scheme = Scheme.parse(scheme)
+    fmt = scheme.fmt
+    codes = torch.randint(0, 1 << fmt.bits, (n, k), dtype=torch.uint8, device=device)
+    if fmt.is_float and fmt.exp_bits == 4 and fmt.man_bits == 3:  # e4m3fn: never a NaN code
+        codes = torch.where((codes & 0x7F) == 0x7F, codes - 1, codes)
+    groups = 1 if scheme.per_channel else -(-k // scheme.group_size)
+    sd = scale_storage_dtype(scheme, dtype)
+    if sd == torch.uint8:
+        scales = torch.randint(118, 124, (n, groups), dtype=torch.uint8, device=device)
+    else:
+        scales = (torch.rand(n, groups, device=device) * 0.02 + 0.001).to(sd)
+    zeros = None if scheme.symmetric else torch.randint(0, 1 << fmt.bits, (n, groups), dtype=torch.uint8,
+                                                        device=device)
+    return build(scheme, codes, scales, zeros, dtype)
+
+
+def clone_qweight(qw: QuantizedWeight) -> QuantizedWeight:
+    return QuantizedWeight(qw.scheme, qw.shape, tuple(t.clone() for t in qw.packed), qw.scales.clone(),
+                           None if qw.zeros is None else qw.zeros.clone(), None, qw.dtype)
+
+
+def copies_for(bytes_per_copy: int, device) -> int:
+    """How many copies of a weight to rotate over so their total exceeds 3x the L2 cache."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(1, math.ceil(3 * l2 / max(bytes_per_copy, 1)) + 1)
+
+
+def graph_time_us(calls, replays: int = 25, min_calls: int = 8) -> float:
+    """Median microseconds per call of ``calls`` (closures, e.g. one per rotated weight copy),
+    captured once in a CUDA graph and replayed ``replays`` times."""
+    for f in calls:  # compile and warm up outside the capture
+        f()
+    torch.cuda.synchronize()
+    seq = [calls[i % len(calls)] for i in range(max(min_calls, len(calls)))]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in seq:
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in seq:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / len(seq))
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written), the memory roofline."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_()
+    b = torch.empty_like(a)
+    us = graph_time_us([lambda: b.copy_(a)], replays=20, min_calls=4)
+    return 2 * a.numel() / us / 1e3
+
+
+def run_metadata(device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"gpu": torch.cuda.get_device_name(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "commit": commit, "torch": torch.__version__, "triton": __import__("triton").__version__,
+            "layout": _pack.LAYOUT}

@@ -1,0 +1,143 @@
+"""Hugging Face transformers integration: ``quant_method: "lowbit"`` for ``from_pretrained``.
+
+After :func:`register` (``import lowbit`` calls it when transformers is installed):
+
+* ``AutoModelForCausalLM.from_pretrained(lowbit_dir)`` loads a lowbit checkpoint: its
+  ``config.json`` names the quantized modules, which are swapped for :class:`lowbit.QuantLinear`
+  on the meta device before loading, so the checkpoint keys load with no conversion.
+* ``from_pretrained(fp_dir, quantization_config=LowbitConfig(scheme="int4-g32"))`` quantizes a
+  float checkpoint while loading (every ``nn.Linear`` but ``modules_to_not_convert``).
+* ``save_pretrained`` writes a lowbit checkpoint (``lowbit.load_quantized`` reads it too).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .. import pack as _pack
+from ..nn import QuantLinear, quantize_model
+from ..scheme import Scheme
+
+__all__ = ["LowbitConfig", "LowbitHfQuantizer", "register", "QUANT_METHOD"]
+
+QUANT_METHOD = "lowbit"
+FORMAT_VERSION = 1
+# Only round-to-nearest needs no calibration data, so it is the only method usable while loading.
+LOAD_TIME_METHODS = ("rtn",)
+
+
+class LowbitConfig(QuantizationConfigMixin):
+    """``quantization_config`` of a lowbit model, as written to ``config.json``.
+
+    To quantize while loading, give ``scheme`` (and optionally ``modules_to_not_convert``,
+    ``clip_search``). A loaded or saved checkpoint's config also lists ``modules``:
+    ``{qualified_name: {"scheme", "shape": [out, in], "dtype", "act_order"}}``.
+    """
+
+    def __init__(self, scheme: str = "int4-g128", modules_to_not_convert: list[str] | None = None,
+                 method: str = "rtn", clip_search: bool = False, modules: dict[str, dict] | None = None,
+                 format_version: int = FORMAT_VERSION, layout: str = _pack.LAYOUT, quant_method: str = QUANT_METHOD,
+                 **unused):
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"LowbitConfig is for quant_method {QUANT_METHOD!r}, got {quant_method!r}")
+        if format_version != FORMAT_VERSION:
+            raise ValueError(f"lowbit checkpoint format_version {format_version} is not supported "
+                             f"(this lowbit reads version {FORMAT_VERSION})")
+        if layout != _pack.LAYOUT:
+            raise ValueError(f"lowbit layout {layout!r} is not supported (expected {_pack.LAYOUT!r})")
+        if method not in LOAD_TIME_METHODS:
+            raise ValueError(f"method {method!r} cannot run inside from_pretrained (it needs calibration data); "
+                             f"use one of {LOAD_TIME_METHODS}, or quantize with lowbit and save the checkpoint")
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.layout = layout
+        self.scheme = str(Scheme.parse(scheme))
+        self.modules_to_not_convert = ["lm_head"] if modules_to_not_convert is None else list(modules_to_not_convert)
+        self.method = method
+        self.clip_search = bool(clip_search)
+        self.modules = dict(modules or {})
+        for name, meta in self.modules.items():
+            Scheme.parse(meta["scheme"])  # fail on a malformed checkpoint before any module is built
+
+    def to_dict(self) -> dict:
+        return {"quant_method": self.quant_method, "format_version": self.format_version, "layout": self.layout,
+                "scheme": self.scheme, "modules": copy.deepcopy(self.modules),
+                "modules_to_not_convert": list(self.modules_to_not_convert), "method": self.method,
+                "clip_search": self.clip_search}
+
+
+def module_entries(model: nn.Module) -> dict[str, dict]:
+    """The ``modules`` entry of the config: every QuantLinear of ``model`` by qualified name."""
+    return {name: {"scheme": str(m.scheme), "shape": [m.out_features, m.in_features],
+                   "dtype": str(m.weight_dtype).removeprefix("torch."), "act_order": m.perm is not None}
+            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def replace_with_empty_quant_linears(model: nn.Module, modules: dict[str, dict]) -> None:
+    """Swap each listed ``nn.Linear`` for a meta-device QuantLinear whose buffers match the checkpoint keys."""
+    for name, meta in modules.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the checkpoint quantizes {name!r}, which this model does not have") from None
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"the checkpoint quantizes {name!r}, which is a {type(linear).__name__}, not nn.Linear")
+        if [linear.out_features, linear.in_features] != list(meta["shape"]):
+            raise ValueError(f"{name}: checkpoint shape {meta['shape']} != model's "
+                             f"[{linear.out_features}, {linear.in_features}]")
+        quant = QuantLinear(linear.in_features, linear.out_features, meta["scheme"], bias=linear.bias is not None,
+                            dtype=getattr(torch, meta["dtype"]), device="meta", act_order=bool(meta["act_order"]))
+        model.set_submodule(name, quant)
+
+
+def tied_module_names(model: nn.Module) -> list[str]:
+    """Modules whose weight is tied to another (e.g. lm_head to the embeddings): quantizing one would untie them."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return [key.removesuffix(".weight") for pair in tied.items() for key in pair]
+
+
+class LowbitHfQuantizer(HfQuantizer):
+    requires_calibration = False
+    quantization_config: LowbitConfig
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            replace_with_empty_quant_linears(model, self.quantization_config.modules)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # Quantizing whole loaded layers (rather than tensor by tensor in a ConversionOps) keeps the
+        # float weights' names and initialization untouched by the loader, at the cost of holding one
+        # float copy of the model during loading.
+        if not self.pre_quantized:
+            cfg = self.quantization_config
+            exclude = [*cfg.modules_to_not_convert, *(model._keep_in_fp32_modules or ()), *tied_module_names(model)]
+            with torch.no_grad():
+                quantize_model(model, cfg.scheme, exclude=exclude, progress=False, method=cfg.method,
+                               clip_search=cfg.clip_search)
+            # A copy, so the caller's config object can quantize other models unchanged.
+            self.quantization_config = LowbitConfig(**{**cfg.to_dict(), "modules": module_entries(model)})
+            model.config.quantization_config = self.quantization_config
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Make ``quant_method: "lowbit"`` known to transformers; safe to call any number of times
+    (transformers itself raises on a second registration)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(LowbitConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(LowbitHfQuantizer)

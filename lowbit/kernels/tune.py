@@ -1,0 +1,126 @@
+"""``lowbit tune``: measure kernel configs on this GPU and write the table the dispatcher ships.
+
+For each (layer shape, batch M, bits, scale kind) it times candidate configs with the same
+method as the benchmark (CUDA-graph replay, weights rotated over > 3x L2) by coordinate
+descent from the heuristic config (split-K, then pipeline depth, then tile sizes and warps), also
+times dequantize + cuBLAS, and keeps the fastest. Writes ``lowbit/kernels/configs/<gpu>.json``
+(merged with existing entries) or ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from ..bench.common import LAYER_SETS, clone_qweight, copies_for, graph_time_us, random_qweight, run_metadata
+from . import dispatch
+from .dispatch import KernelConfig
+
+DEFAULT_BATCHES = [1, 8, 16, 32, 64, 128, 256, 512, 1024]
+
+
+def _time(qws, x, cfg: KernelConfig, replays: int) -> float:
+    try:
+        return graph_time_us([lambda q=q: dispatch.matmul(x, q, None, config=cfg) for q in qws], replays)
+    except Exception as e:  # a config the compiler rejects (e.g. out of shared memory) is just not a candidate
+        print(f"    {cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+        return float("inf")
+
+
+def _neighbours(cfg: KernelConfig, m: int, k_tiles: int):
+    """Configs one step from ``cfg`` along each axis."""
+    def variant(**kw):
+        return dataclasses.replace(cfg, **kw)
+
+    for s in (cfg.split_k // 2, cfg.split_k * 2, cfg.split_k * 3 // 2):
+        if 1 <= s <= min(32, k_tiles) and s != cfg.split_k:
+            yield variant(split_k=s)
+    for st in (cfg.num_stages - 1, cfg.num_stages + 1):
+        if 2 <= st <= 7:
+            yield variant(num_stages=st)
+    for bn in (cfg.block_n // 2, cfg.block_n * 2):
+        if 32 <= bn <= 256:
+            yield variant(block_n=bn)
+    for w in (4, 8):
+        if w != cfg.num_warps:
+            yield variant(num_warps=w)
+    if not cfg.swap_ab:
+        for bm in (cfg.block_m // 2, cfg.block_m * 2):
+            if 32 <= bm <= 256:
+                yield variant(block_m=bm)
+    elif m <= 64 and cfg.block_m < 64:
+        yield variant(block_m=cfg.block_m * 2)
+
+
+def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, float, dict]:
+    device = qw.device
+    qws = [qw] + [clone_qweight(qw) for _ in range(copies_for(qw.nbytes, device) - 1)]
+    x = torch.randn(m, qw.in_features, dtype=qw.dtype, device=device)
+    k_tiles = -(-qw.in_features // 128)
+    best = dispatch.heuristic_config(m, qw.out_features, qw.in_features, qw.scheme.bits,
+                                     torch.cuda.get_device_properties(device).multi_processor_count)
+    if best.path == "dequant":
+        best = dispatch.heuristic_config(512, qw.out_features, qw.in_features, qw.scheme.bits, 132)
+    seen = {best: _time(qws, x, best, replays)}
+    if m > 16:  # the other orientation is a candidate too
+        alt = dataclasses.replace(best, swap_ab=not best.swap_ab, block_m=64 if best.swap_ab else max(16, min(64, m)),
+                                  num_warps=8 if best.swap_ab else 4)
+        seen[alt] = _time(qws, x, alt, replays)
+    for _ in range(rounds):
+        current = min(seen, key=seen.get)
+        for cand in _neighbours(current, m, k_tiles):
+            if cand not in seen:
+                seen[cand] = _time(qws, x, cand, replays)
+        if min(seen, key=seen.get) == current:
+            break
+    dq = KernelConfig(path="dequant")
+    seen[dq] = _time(qws, x, dq, replays)
+    best = min(seen, key=seen.get)
+    return best, seen[best], {"heuristic_us": next(iter(seen.values())), "tried": len(seen)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="lowbit tune", description=__doc__.splitlines()[0])
+    p.add_argument("--sets", nargs="+", default=list(LAYER_SETS), choices=list(LAYER_SETS))
+    p.add_argument("--schemes", nargs="+", default=["int4-g128", "int8-channel"],
+                   help="one scheme per (bits, scale kind) the table should cover")
+    p.add_argument("--batches", nargs="+", type=int, default=DEFAULT_BATCHES)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--replays", type=int, default=15)
+    p.add_argument("--out", type=Path, help="default: lowbit/kernels/configs/<gpu>.json (merged)")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    device = torch.device("cuda")
+    out = a.out or dispatch.CONFIG_DIR / f"{dispatch._gpu_slug(device)}.json"
+    data = json.loads(out.read_text()) if out.exists() else {"entries": []}
+    entries = {json.dumps(e["key"], sort_keys=True): e for e in data["entries"]}
+    dtype = getattr(torch, a.dtype)
+    for scheme in a.schemes:
+        for set_name in a.sets:
+            for layer, k, n in LAYER_SETS[set_name]:
+                qw = random_qweight(scheme, n, k, dtype, device)
+                for m in a.batches:
+                    cfg, us, info = tune_one(qw, m, a.replays)
+                    key = dispatch.table_key(m, n, k, qw.scheme.bits, qw.scheme.per_channel)
+                    entries[json.dumps(key, sort_keys=True)] = {"key": key, "config": dataclasses.asdict(cfg),
+                                                                "us": us, **info}
+                    print(f"{scheme} {set_name}/{layer} M={m}: {us:.1f} us (heuristic {info['heuristic_us']:.1f}, "
+                          f"{info['tried']} tried) {cfg}", flush=True)
+                del qw
+                torch.cuda.empty_cache()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**run_metadata(device), "dtype": a.dtype,
+                               "entries": sorted(entries.values(), key=lambda e: json.dumps(e["key"], sort_keys=True))},
+                              indent=1))
+    dispatch.tuned_table.cache_clear()
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

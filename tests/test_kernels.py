@@ -1,0 +1,182 @@
+"""The Triton kernels against the exact reference ``x @ qw.dequantize().T``.
+
+On CPU they run in Triton's interpreter (small fp16 shapes); the ``gpu`` tests cover batch
+sizes 1..300, odd shapes, both dtypes, CUDA graphs, torch.compile and determinism.
+"""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.kernels import dispatch
+from lowbit.kernels.dispatch import KernelConfig
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+INTERP_SCHEMES = ["int4-g128", "int4-g32-asym", "int8-channel", "int2-g64", "int3-g16-asym", "int5-channel",
+                  "fp8_e4m3-channel", "fp6_e3m2-channel", "fp6_e2m3-g64", "fp5_e2m2-channel", "fp5_e3m1-g32",
+                  "fp4_e2m1-g32", "fp4_e2m1-g32-mx", "fp3_e1m1-channel", "fp3_e2m0-g128", "int7-g128",
+                  "fp7_e3m3-channel"]
+INTERP_CONFIGS = [
+    KernelConfig(block_n=64, block_m=16, split_k=1, swap_ab=True),
+    KernelConfig(block_n=32, block_m=32, split_k=3, swap_ab=True),
+    KernelConfig(block_n=64, block_m=16, split_k=2, swap_ab=False),
+]
+
+
+def rel_err(y, ref):
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+def reference(x, qw, bias=None):
+    y = x.float() @ qw.dequantize(torch.float32).T
+    return y if bias is None else y + bias.float()
+
+
+def poisoned(m, n, dtype, device):
+    return torch.full((m, n), float("nan"), dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("scheme", INTERP_SCHEMES)
+@pytest.mark.parametrize("cfg", INTERP_CONFIGS, ids=["swap", "swap-split3", "noswap-split2"])
+def test_fused_kernel_matches_reference(scheme, cfg):
+    m, n, k = (5, 72, 300) if not HAS_CUDA else (37, 200, 1000)
+    w = torch.randn(n, k, dtype=torch.float16, device=DEVICE)
+    qw = lowbit.quantize(w, scheme)
+    x = torch.randn(m, k, dtype=torch.float16, device=DEVICE)
+    bias = torch.randn(n, dtype=torch.float16, device=DEVICE)
+    out = poisoned(m, n, torch.float16, DEVICE)
+    y = dispatch.fused_matmul(x, qw, bias, cfg, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) output elements"
+    assert rel_err(y, reference(x, qw, bias)) < 2e-3
+
+
+@pytest.mark.parametrize("scheme", ["int4-g32-asym", "fp6_e3m2-g64", "fp4_e2m1-g32-mx", "int8-channel", "int3-g128"])
+def test_dequant_kernel_is_exact(scheme):
+    w = torch.randn(70, 300, dtype=torch.float16, device=DEVICE)
+    qw = lowbit.quantize(w, scheme)
+    assert torch.equal(dispatch.dequantize(qw, torch.float16), qw.dequantize(torch.float16))
+
+
+def test_split_k_counters_reset_between_calls():
+    qw = lowbit.quantize(torch.randn(64, 512, dtype=torch.float16, device=DEVICE), "int4-g128")
+    x = torch.randn(3, 512, dtype=torch.float16, device=DEVICE)
+    cfg = KernelConfig(block_n=64, block_m=16, split_k=4)
+    first = dispatch.fused_matmul(x, qw, None, cfg)
+    for _ in range(3):  # a stale counter would skip or repeat the reduction
+        assert torch.equal(dispatch.fused_matmul(x, qw, None, cfg), first)
+    assert int(dispatch._COUNTERS[x.device].abs().sum()) == 0
+
+
+def test_act_order_permutation_applied_to_x():
+    w = torch.randn(64, 256, dtype=torch.float16, device=DEVICE)
+    qw = lowbit.quantize(w, "int4-g64")
+    perm = torch.randperm(256, device=DEVICE)
+    permuted = lowbit.QuantizedWeight(qw.scheme, qw.shape, qw.packed, qw.scales, None, perm, qw.dtype)
+    x = torch.randn(4, 256, dtype=torch.float16, device=DEVICE)
+    y = lowbit.matmul(x, permuted, backend="triton")
+    assert rel_err(y, reference(x, permuted)) < 2e-3
+
+
+def test_triton_backend_through_the_public_op():
+    lin = torch.nn.Linear(200, 96).half().to(DEVICE)
+    ql = lowbit.QuantLinear.from_linear(lin, "fp6_e2m3-channel").set_backend("triton")
+    x = torch.randn(2, 3, 200, dtype=torch.float16, device=DEVICE)
+    y = ql(x)
+    assert y.shape == (2, 3, 96) and y.dtype == torch.float16
+    assert rel_err(y, reference(x.reshape(6, 200), ql.qweight, ql.bias).reshape(2, 3, 96)) < 2e-3
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="power of two"):
+        KernelConfig(block_n=48)
+    with pytest.raises(ValueError, match="path"):
+        KernelConfig(path="magic")
+
+
+def test_heuristic_covers_batches():
+    for m in (1, 7, 16, 33, 64, 100, 128, 300, 1024, 4096):
+        cfg = dispatch.heuristic_config(m, 8192, 8192, 4, 132)
+        if cfg.path == "fused" and cfg.swap_ab:
+            assert cfg.block_m >= min(m, 16)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+GPU_SCHEMES = ["int4-g128", "int4-g64", "int4-g32", "int4-channel", "int4-g128-asym", "int4-g32-asym", "int8-channel",
+               "int8-g128", "int2-g64", "int3-g128", "fp8_e4m3-channel", "fp6_e3m2-channel", "fp6_e2m3-channel",
+               "fp5_e2m2-channel", "fp5_e3m1-channel", "fp4_e2m1-g32", "fp4_e2m1-g32-mx", "fp3_e2m0-channel",
+               "fp6_e3m2-g128"]
+GPU_BATCHES = [1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 48, 64, 65, 100, 127, 128, 129, 200, 256, 300]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("scheme", GPU_SCHEMES)
+def test_gpu_dispatch_every_batch(scheme, dtype):
+    n, k = 1000, 1100  # neither a multiple of 64 nor of 128
+    qw = lowbit.quantize(torch.randn(n, k, dtype=dtype, device="cuda"), scheme)
+    bias = torch.randn(n, dtype=dtype, device="cuda")
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    for m in GPU_BATCHES:
+        x = torch.randn(m, k, dtype=dtype, device="cuda")
+        y = lowbit.matmul(x, qw, bias)
+        assert torch.isfinite(y).all(), f"M={m}: non-finite output"
+        err = rel_err(y, reference(x, qw, bias))
+        assert err < tol, f"M={m}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("cfg", [
+    KernelConfig(block_n=64, block_m=16, split_k=1), KernelConfig(block_n=128, block_m=32, split_k=5),
+    KernelConfig(block_n=64, block_m=64, split_k=8, num_stages=5), KernelConfig(block_n=128, block_m=64, split_k=1,
+                                                                                 swap_ab=False, num_warps=8),
+    KernelConfig(block_n=128, block_m=128, split_k=3, swap_ab=False, num_warps=8, num_stages=3),
+], ids=lambda c: f"n{c.block_n}m{c.block_m}s{c.split_k}{'swap' if c.swap_ab else ''}")
+@pytest.mark.parametrize("scheme", ["int4-g128", "int4-g32-asym", "int8-channel", "fp6_e3m2-channel", "fp4_e2m1-g32"])
+def test_gpu_fused_configs_poisoned(scheme, cfg, dtype):
+    n, k = 520, 2200
+    qw = lowbit.quantize(torch.randn(n, k, dtype=dtype, device="cuda"), scheme)
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    for m in (1, 5, 64, 77, 130):
+        x = torch.randn(m, k, dtype=dtype, device="cuda")
+        out = poisoned(m, n, dtype, "cuda")
+        y = dispatch.fused_matmul(x, qw, None, cfg, out=out)
+        assert torch.isfinite(y).all(), f"M={m}: unwritten elements"
+        assert rel_err(y, reference(x, qw)) < tol
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    qw = lowbit.quantize(torch.randn(4096, 4096, dtype=torch.float16, device="cuda"), "int4-g128")
+    x = torch.randn(16, 4096, dtype=torch.float16, device="cuda")
+    first = lowbit.matmul(x, qw)
+    for _ in range(20):
+        assert torch.equal(lowbit.matmul(x, qw), first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 100, 1024])
+def test_gpu_cuda_graph_capture(m):
+    qw = lowbit.quantize(torch.randn(3000, 2048, dtype=torch.float16, device="cuda"), "int4-g128")
+    x = torch.randn(m, 2048, dtype=torch.float16, device="cuda")
+    eager = lowbit.matmul(x, qw)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = lowbit.matmul(x, qw)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y, reference(x, qw)) < 2e-3
+    assert not torch.equal(y, eager)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    lin = torch.nn.Linear(1024, 768).half().cuda()
+    ql = lowbit.QuantLinear.from_linear(lin, "int4-g128")
+    fn = torch.compile(lambda t: torch.relu(ql(t)) * 2, fullgraph=True)
+    x = torch.randn(8, 1024, dtype=torch.float16, device="cuda")
+    assert rel_err(fn(x), torch.relu(reference(x, ql.qweight, ql.bias)) * 2) < 2e-3
