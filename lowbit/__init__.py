@@ -12,6 +12,7 @@ from .ops import matmul
 from .qweight import QuantizedWeight
 from .quantize import quantize
 from .scheme import Scheme
+from .integrations import transformers as _transformers  # noqa: F401  registers quant_method "lowbit" once transformers loads
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,7 @@
 """Hugging Face transformers integration: ``quant_method: "lowbit"`` for ``from_pretrained``.
 
-After :func:`register` (``import lowbit`` calls it when transformers is installed):
+Importing this module (``import lowbit`` does) registers ``lowbit`` with transformers as soon as
+transformers loads its quantizers, see :func:`register_when_transformers_loads`. Then:
 
 * ``AutoModelForCausalLM.from_pretrained(lowbit_dir)`` loads a lowbit checkpoint: its
   ``config.json`` names the quantized modules, which are swapped for :class:`lowbit.QuantLinear`
@@ -8,68 +9,35 @@ After :func:`register` (``import lowbit`` calls it when transformers is installe
 * ``from_pretrained(fp_dir, quantization_config=LowbitConfig(scheme="int4-g32"))`` quantizes a
   float checkpoint while loading (every ``nn.Linear`` but ``modules_to_not_convert``).
 * ``save_pretrained`` writes a lowbit checkpoint (``lowbit.load_quantized`` reads it too).
+
+``LowbitConfig`` and ``LowbitHfQuantizer`` subclass transformers' classes, so they are built on
+first use: importing this module does not import transformers.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.abc
+import importlib.util
+import sys
 
 import torch
 from torch import nn
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import pack as _pack
+from ..io.checkpoint import SHA256_PREFIX, tensor_sha256
 from ..nn import QuantLinear, quantize_model
 from ..scheme import Scheme
 
-__all__ = ["LowbitConfig", "LowbitHfQuantizer", "register", "QUANT_METHOD"]
+__all__ = ["LowbitConfig", "LowbitHfQuantizer", "register", "register_when_transformers_loads", "QUANT_METHOD"]
 
 QUANT_METHOD = "lowbit"
 FORMAT_VERSION = 1
 # Only round-to-nearest needs no calibration data, so it is the only method usable while loading.
 LOAD_TIME_METHODS = ("rtn",)
-
-
-class LowbitConfig(QuantizationConfigMixin):
-    """``quantization_config`` of a lowbit model, as written to ``config.json``.
-
-    To quantize while loading, give ``scheme`` (and optionally ``modules_to_not_convert``,
-    ``clip_search``). A loaded or saved checkpoint's config also lists ``modules``:
-    ``{qualified_name: {"scheme", "shape": [out, in], "dtype", "act_order"}}``.
-    """
-
-    def __init__(self, scheme: str = "int4-g128", modules_to_not_convert: list[str] | None = None,
-                 method: str = "rtn", clip_search: bool = False, modules: dict[str, dict] | None = None,
-                 format_version: int = FORMAT_VERSION, layout: str = _pack.LAYOUT, quant_method: str = QUANT_METHOD,
-                 **unused):
-        if quant_method != QUANT_METHOD:
-            raise ValueError(f"LowbitConfig is for quant_method {QUANT_METHOD!r}, got {quant_method!r}")
-        if format_version != FORMAT_VERSION:
-            raise ValueError(f"lowbit checkpoint format_version {format_version} is not supported "
-                             f"(this lowbit reads version {FORMAT_VERSION})")
-        if layout != _pack.LAYOUT:
-            raise ValueError(f"lowbit layout {layout!r} is not supported (expected {_pack.LAYOUT!r})")
-        if method not in LOAD_TIME_METHODS:
-            raise ValueError(f"method {method!r} cannot run inside from_pretrained (it needs calibration data); "
-                             f"use one of {LOAD_TIME_METHODS}, or quantize with lowbit and save the checkpoint")
-        self.quant_method = QUANT_METHOD
-        self.format_version = format_version
-        self.layout = layout
-        self.scheme = str(Scheme.parse(scheme))
-        self.modules_to_not_convert = ["lm_head"] if modules_to_not_convert is None else list(modules_to_not_convert)
-        self.method = method
-        self.clip_search = bool(clip_search)
-        self.modules = dict(modules or {})
-        for name, meta in self.modules.items():
-            Scheme.parse(meta["scheme"])  # fail on a malformed checkpoint before any module is built
-
-    def to_dict(self) -> dict:
-        return {"quant_method": self.quant_method, "format_version": self.format_version, "layout": self.layout,
-                "scheme": self.scheme, "modules": copy.deepcopy(self.modules),
-                "modules_to_not_convert": list(self.modules_to_not_convert), "method": self.method,
-                "clip_search": self.clip_search}
+# The module holding transformers' registry of quantization methods.
+_REGISTRY_MODULE = "transformers.quantizers.auto"
 
 
 def module_entries(model: nn.Module) -> dict[str, dict]:
@@ -102,42 +70,139 @@ def tied_module_names(model: nn.Module) -> list[str]:
     return [key.removesuffix(".weight") for pair in tied.items() for key in pair]
 
 
-class LowbitHfQuantizer(HfQuantizer):
-    requires_calibration = False
-    quantization_config: LowbitConfig
+@functools.cache
+def _classes():
+    # Submodules, not the package: this also runs while transformers.quantizers is being imported.
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
-        if self.pre_quantized:
-            replace_with_empty_quant_linears(model, self.quantization_config.modules)
-        return model
+    class LowbitConfig(QuantizationConfigMixin):
+        """``quantization_config`` of a lowbit model, as written to ``config.json``.
 
-    def _process_model_after_weight_loading(self, model, **kwargs):
-        # Quantizing whole loaded layers (rather than tensor by tensor in a ConversionOps) keeps the
-        # float weights' names and initialization untouched by the loader, at the cost of holding one
-        # float copy of the model during loading.
-        if not self.pre_quantized:
-            cfg = self.quantization_config
-            exclude = [*cfg.modules_to_not_convert, *(model._keep_in_fp32_modules or ()), *tied_module_names(model)]
-            with torch.no_grad():
-                quantize_model(model, cfg.scheme, exclude=exclude, progress=False, method=cfg.method,
-                               clip_search=cfg.clip_search)
-            # A copy, so the caller's config object can quantize other models unchanged.
-            self.quantization_config = LowbitConfig(**{**cfg.to_dict(), "modules": module_entries(model)})
-            model.config.quantization_config = self.quantization_config
-        return model
+        To quantize while loading, give ``scheme`` (and optionally ``modules_to_not_convert``,
+        ``clip_search``). A loaded or saved checkpoint's config also lists ``modules``:
+        ``{qualified_name: {"scheme", "shape": [out, in], "dtype", "act_order"}}``.
+        """
 
-    def is_serializable(self, *args, **kwargs) -> bool:
-        return True
+        def __init__(self, scheme: str = "int4-g128", modules_to_not_convert: list[str] | None = None,
+                     method: str = "rtn", clip_search: bool = False, modules: dict[str, dict] | None = None,
+                     format_version: int = FORMAT_VERSION, layout: str = _pack.LAYOUT,
+                     quant_method: str = QUANT_METHOD):
+            if quant_method != QUANT_METHOD:
+                raise ValueError(f"LowbitConfig is for quant_method {QUANT_METHOD!r}, got {quant_method!r}")
+            if format_version != FORMAT_VERSION:
+                raise ValueError(f"lowbit checkpoint format_version {format_version} is not supported "
+                                 f"(this lowbit reads version {FORMAT_VERSION})")
+            if layout != _pack.LAYOUT:
+                raise ValueError(f"lowbit layout {layout!r} is not supported (expected {_pack.LAYOUT!r})")
+            if method not in LOAD_TIME_METHODS:
+                raise ValueError(f"method {method!r} cannot run inside from_pretrained (it needs calibration data); "
+                                 f"use one of {LOAD_TIME_METHODS}, or quantize with lowbit and save the checkpoint")
+            self.quant_method = QUANT_METHOD
+            self.format_version = format_version
+            self.layout = layout
+            self.scheme = str(Scheme.parse(scheme))
+            self.modules_to_not_convert = (["lm_head"] if modules_to_not_convert is None
+                                           else list(modules_to_not_convert))
+            self.method = method
+            self.clip_search = bool(clip_search)
+            self.modules = dict(modules or {})
+            for meta in self.modules.values():
+                Scheme.parse(meta["scheme"])  # fail on a malformed checkpoint before any module is built
 
-    @property
-    def is_trainable(self) -> bool:
-        return False
+        def to_dict(self) -> dict:
+            return {"quant_method": self.quant_method, "format_version": self.format_version, "layout": self.layout,
+                    "scheme": self.scheme, "modules": copy.deepcopy(self.modules),
+                    "modules_to_not_convert": list(self.modules_to_not_convert), "method": self.method,
+                    "clip_search": self.clip_search}
+
+    class LowbitHfQuantizer(HfQuantizer):
+        requires_calibration = False
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            if self.pre_quantized:
+                replace_with_empty_quant_linears(model, self.quantization_config.modules)
+            return model
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            # Quantizing whole loaded layers (rather than tensor by tensor in a ConversionOps) leaves
+            # the float checkpoint's names and loading untouched, at the cost of holding the float
+            # model once during loading.
+            if not self.pre_quantized:
+                cfg = self.quantization_config
+                exclude = [*cfg.modules_to_not_convert, *(model._keep_in_fp32_modules or ()),
+                           *tied_module_names(model)]
+                with torch.no_grad():
+                    quantize_model(model, cfg.scheme, exclude=exclude, progress=False, method=cfg.method,
+                                   clip_search=cfg.clip_search)
+                # A new config, so the caller's can quantize other models unchanged.
+                self.quantization_config = LowbitConfig(**{**cfg.to_dict(), "modules": module_entries(model)})
+                model.config.quantization_config = self.quantization_config
+            return model
+
+        def get_state_dict_and_metadata(self, model):
+            # The SHA-256 of every tensor, as lowbit.save_quantized writes them, so that
+            # lowbit.load_quantized reads what save_pretrained wrote.
+            metadata = {SHA256_PREFIX + k: tensor_sha256(t.to("cpu")) for k, t in model.state_dict().items()}
+            return None, metadata
+
+        def is_serializable(self, *args, **kwargs) -> bool:
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    LowbitConfig.__qualname__, LowbitHfQuantizer.__qualname__ = "LowbitConfig", "LowbitHfQuantizer"  # picklable
+    return LowbitConfig, LowbitHfQuantizer
+
+
+def __getattr__(name: str):
+    if name in ("LowbitConfig", "LowbitHfQuantizer"):
+        return dict(zip(("LowbitConfig", "LowbitHfQuantizer"), _classes()))[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register() -> None:
-    """Make ``quant_method: "lowbit"`` known to transformers; safe to call any number of times
-    (transformers itself raises on a second registration)."""
+    """Make ``quant_method: "lowbit"`` known to transformers; any number of calls (transformers
+    itself raises on a second registration)."""
+    from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                              register_quantization_config, register_quantizer)
+
+    config_class, quantizer_class = _classes()
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(LowbitConfig)
+        register_quantization_config(QUANT_METHOD)(config_class)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(LowbitHfQuantizer)
+        register_quantizer(QUANT_METHOD)(quantizer_class)
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when transformers' quantizer registry is first imported, it wraps
+    that module's loading so that :func:`register` runs right after it."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _REGISTRY_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                register()
+
+            spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def register_when_transformers_loads() -> None:
+    """Register with transformers now if its quantizer registry is loaded, else as soon as it is:
+    ``import lowbit`` stays free of transformers' import time, and the order of imports does not matter."""
+    if _REGISTRY_MODULE in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+register_when_transformers_loads()
