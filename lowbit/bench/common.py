@@ -85,10 +85,10 @@ def graph_time_us(calls, replays: int = 25, min_calls: int = 8) -> float:
 
 def copy_bandwidth_gbs(device, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth (bytes read + written), the memory roofline."""
-    a = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_()
+    a = torch.randn(nbytes // 8, dtype=torch.float32, device=device)
     b = torch.empty_like(a)
     us = graph_time_us([lambda: b.copy_(a)], replays=20, min_calls=4)
-    return 2 * a.numel() / us / 1e3
+    return 2 * a.numel() * a.element_size() / us / 1e3
 
 
 def run_metadata(device) -> dict:

@@ -490,8 +490,13 @@ def _check_layer(name: str, spec: _LayerSpec, stored: dict[str, _StoredTensor], 
         raise CheckpointError(f"{files}: module {name!r}: {e}") from None
 
 
-def _match_state(model: nn.Module, stored: dict[str, _StoredTensor], root: Path) -> dict[str, str]:
-    """Check stored keys, dtypes and shapes against the model's state dict; return tied key -> stored key."""
+def _match_state(model: nn.Module, stored: dict[str, _StoredTensor], quantized_prefixes: tuple[str, ...],
+                 root: Path) -> dict[str, str]:
+    """Check stored keys, dtypes and shapes against the model's state dict; return tied key -> stored key.
+
+    QuantLinear tensors must have exactly their dtype; other floating tensors may be stored in any
+    floating dtype (the model keeps the stored one, as Hugging Face's ``dtype="auto"``).
+    """
     state = model.state_dict(keep_vars=True)
     aliases, expected = {}, {}
     for names in _alias_groups(state):
@@ -507,8 +512,9 @@ def _match_state(model: nn.Module, stored: dict[str, _StoredTensor], root: Path)
         if key not in expected:
             raise CheckpointError(f"{info.file}: unexpected tensor {key!r} (the model has no such parameter or buffer)")
         want = expected[key]
-        same_kind = want.dtype.is_floating_point and info.dtype.is_floating_point
-        if info.shape != tuple(want.shape) or not (info.dtype == want.dtype or same_kind):
+        any_float = (want.dtype.is_floating_point and info.dtype.is_floating_point
+                     and not key.startswith(quantized_prefixes))
+        if info.shape != tuple(want.shape) or not (info.dtype == want.dtype or any_float):
             raise CheckpointError(f"{info.file}: tensor {key!r}: expected {want.dtype} {tuple(want.shape)}, "
                                   f"got {info.dtype} {info.shape}")
     persistent = set(state)
@@ -577,10 +583,10 @@ def load_quantized(dir, model: nn.Module | None = None, verify: bool = False, de
     originals = {}
     try:
         originals = _swap_in_quant_linears(skeleton, layers, config_path)
-        aliases = _match_state(skeleton, stored, root)
+        quantized_prefixes = tuple(name + "." for name in layers)
+        aliases = _match_state(skeleton, stored, quantized_prefixes, root)
         tensors = _read_tensors(stored, verify)
         _check_perms(layers, tensors, stored)
-        quantized_prefixes = tuple(name + "." for name in layers)
         if dtype is not None:
             tensors = {k: t.to(dtype) if t.is_floating_point() and not k.startswith(quantized_prefixes) else t
                        for k, t in tensors.items()}

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .. import pack as _pack
 from ..qweight import QuantizedWeight
-from .triton_matmul import lowbit_dequant_kernel, lowbit_matmul_kernel
+from .triton_matmul import int4_planes_asm, int8_fp16_asm, lowbit_dequant_kernel, lowbit_matmul_kernel
 
 __all__ = ["KernelConfig", "matmul", "fused_matmul", "dequantize", "choose_config", "heuristic_config"]
 
@@ -67,6 +67,17 @@ def _scheme_constants(qw: QuantizedWeight, compute: torch.dtype) -> dict:
                 GROUP_SIZE=qw.scheme.group_size, SCALE_MX=qw.scheme.mx, COMPUTE=_TL_DTYPES[compute])
 
 
+def _fast_path_constants(qw: QuantizedWeight, compute: torch.dtype, device: torch.device) -> dict:
+    """Inline-PTX decoders for int4 and int8 (fp16) on a real GPU; the interpreter has no inline asm."""
+    fmt = qw.scheme.fmt
+    use_asm = device.type == "cuda" and not fmt.is_float
+    zero = fmt.offset if use_asm and qw.scheme.symmetric else None
+    asm4 = int4_planes_asm(compute == torch.float16, zero) if use_asm and fmt.bits == 4 else ""
+    asm8 = int8_fp16_asm(zero) if use_asm and fmt.bits == 8 and compute == torch.float16 else ""
+    scale_in_compute = not fmt.is_float and not qw.scheme.mx and qw.scales.dtype == compute
+    return dict(ASM4=asm4, ASM8=asm8, SCALE_IN_COMPUTE=scale_in_compute)
+
+
 def _segment_args(qw: QuantizedWeight):
     segs = list(qw.packed) + [qw.packed[0]] * (3 - len(qw.packed))
     return segs, [s.stride(0) for s in segs]
@@ -104,7 +115,8 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
         x, *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, bias if bias is not None else out,
         out, partial, counters, m, n, k, x.stride(0), out.stride(0), *strides, per_split, qw.num_groups, split,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_scheme_constants(qw, x.dtype))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_scheme_constants(qw, x.dtype),
+        **_fast_path_constants(qw, x.dtype, x.device))
     return out
 
 

@@ -52,6 +52,46 @@ def _decode(code, zero, COMPUTE: tl.constexpr, IS_FLOAT: tl.constexpr, BITS: tl.
     return ((code - zero + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0).to(COMPUTE)
 
 
+def int4_planes_asm(compute_is_fp16: bool, symmetric_zero: int | None) -> str:
+    """PTX turning one int32 word of 4-bit codes into its 8 planes, two values per instruction
+    (MARLIN's trick): nibbles j and j+4 are OR-ed into the mantissas of a half2 whose ulp is 1
+    (fp16 1024.0, bf16 128.0), then one packed subtraction removes that float and, for symmetric
+    schemes, the zero point. Outputs ``$0..$7`` = planes 0..7; input ``$8`` = the word."""
+    magic = 0x6400 if compute_is_fp16 else 0x4300
+    base = 1024 if compute_is_fp16 else 128
+    sub_value = base + (symmetric_zero or 0)
+    sub_bits = _half_bits(sub_value, compute_is_fp16)
+    op = "sub.f16x2" if compute_is_fp16 else "sub.bf16x2"
+    lines = [".reg .b32 t0, t1, t2, t3, s, c;", f"mov.b32 c, 0x{sub_bits:04x}{sub_bits:04x};"]
+    for i in range(4):
+        src = "$8" if i == 0 else "s"
+        if i:
+            lines.append(f"shr.u32 s, $8, {4 * i};")
+        lines.append(f"lop3.b32 t{i}, {src}, 0x000F000F, 0x{magic:04x}{magic:04x}, 0xEA;")
+    lines += [f"{op} t{i}, t{i}, c;" for i in range(4)]
+    lines += [f"mov.b32 {{${i}, ${i + 4}}}, t{i};" for i in range(4)]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+def int8_fp16_asm(symmetric_zero: int | None) -> str:
+    """PTX turning 4 uint8 codes (one register) into 4 fp16 values: two byte permutes place each code
+    in the mantissa of 1024.0, two packed subtractions remove 1024 (+ the symmetric zero point)."""
+    sub_bits = _half_bits(1024 + (symmetric_zero or 0), True)
+    return ("{\n.reg .b32 a, b, c;\n"
+            f"mov.b32 c, 0x{sub_bits:04x}{sub_bits:04x};\n"
+            "prmt.b32 a, $2, 0x64646464, 0x5140;\n"
+            "prmt.b32 b, $2, 0x64646464, 0x7362;\n"
+            "sub.f16x2 $0, a, c;\nsub.f16x2 $1, b, c;\n}")
+
+
+def _half_bits(value: int, fp16: bool) -> int:
+    import struct
+
+    if fp16:
+        return struct.unpack("<H", struct.pack("<e", float(value)))[0]
+    return struct.unpack("<I", struct.pack("<f", float(value)))[0] >> 16  # exact: small integers
+
+
 @triton.jit
 def _scale_values(scales_ptr, zeros_ptr, g, n_groups, rn, n_mask, N, SYMMETRIC: tl.constexpr, SCALE_MX: tl.constexpr,
                   OFFSET: tl.constexpr, FLOAT_FACTOR: tl.constexpr):
@@ -78,13 +118,15 @@ def lowbit_matmul_kernel(
     BITS: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr,
     IS_FLOAT: tl.constexpr, MAN_BITS: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
     SYMMETRIC: tl.constexpr, OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MX: tl.constexpr,
-    HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, ASM4: tl.constexpr, ASM8: tl.constexpr,
+    SCALE_IN_COMPUTE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     TILE_K: tl.constexpr = 128
     PD: tl.constexpr = 128 if SEG0 == 8 else 16  # plane depth: k per plane
     NP: tl.constexpr = TILE_K // PD  # planes per tile
     PER_CHANNEL: tl.constexpr = GROUP_SIZE == -1
+    TILE_SCALE: tl.constexpr = GROUP_SIZE >= TILE_K
 
     num_m_tiles = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
@@ -122,29 +164,53 @@ def lowbit_matmul_kernel(
         if SEG2 > 0:
             w2 = tl.load(seg2_ptr + rn[:, None] * stride_w2 + t * PD + rp[None, :], mask=n_mask[:, None], other=0,
                          eviction_policy="evict_first")
-        if not PER_CHANNEL:
-            if GROUP_SIZE >= TILE_K:
-                s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, (t * TILE_K) // GROUP_SIZE, n_groups, rn, n_mask, N,
-                                               SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
+        if TILE_SCALE:  # one group per row for the whole tile: scale the tile's partial product instead
+            s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, (t * TILE_K) // GROUP_SIZE, n_groups, rn, n_mask,
+                                           N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
+            part = tl.zeros(acc.shape, dtype=tl.float32)
+        else:
+            part = acc
+        if ASM4 != "":
+            planes = tl.inline_asm_elementwise(ASM4, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w0], dtype=(
+                COMPUTE, COMPUTE, COMPUTE, COMPUTE, COMPUTE, COMPUTE, COMPUTE, COMPUTE), is_pure=True, pack=1)
         for j in tl.static_range(NP):
             k0 = t * TILE_K + j * PD
             if not PER_CHANNEL:
-                if GROUP_SIZE < TILE_K:
+                if not TILE_SCALE:
                     s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, k0 // GROUP_SIZE, n_groups, rn, n_mask, N,
                                                    SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
-            code = _extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2)
-            w = _decode(code, z_tile[:, None], COMPUTE, IS_FLOAT, BITS, MAN_BITS)
+            if ASM4 != "":
+                w = planes[j]
+            elif ASM8 != "":
+                w = tl.inline_asm_elementwise(ASM8, "=r,=r,r", [w0], dtype=tl.float16, is_pure=True, pack=4)
+            else:
+                w = _decode(_extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2), z_tile[:, None], COMPUTE, IS_FLOAT,
+                            BITS, MAN_BITS)
+            if ASM4 != "" or ASM8 != "":
+                if not SYMMETRIC:  # the asm left ``code``; the zero point varies per row
+                    w = w - z_tile.to(COMPUTE)[:, None]
             if not PER_CHANNEL:
-                w = (w.to(tl.float32) * s_tile[:, None]).to(COMPUTE)
+                if not TILE_SCALE:
+                    if SCALE_IN_COMPUTE:
+                        w = w * s_tile.to(COMPUTE)[:, None]
+                    else:
+                        w = (w.to(tl.float32) * s_tile[:, None]).to(COMPUTE)
             rk = k0 + rp
             if SWAP_AB:
                 xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None], mask=m_mask[None, :] & (rk[:, None] < K),
                              other=0.0)
-                acc = tl.dot(w, xt.to(COMPUTE), acc)
+                part = tl.dot(w, xt.to(COMPUTE), part)
             else:
                 xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K),
                              other=0.0)
-                acc = tl.dot(xs.to(COMPUTE), tl.trans(w), acc)
+                part = tl.dot(xs.to(COMPUTE), tl.trans(w), part)
+        if TILE_SCALE:
+            if SWAP_AB:
+                acc += part * s_tile[:, None]
+            else:
+                acc += part * s_tile[None, :]
+        else:
+            acc = part
 
     if PER_CHANNEL:
         if SWAP_AB:

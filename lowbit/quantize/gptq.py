@@ -12,6 +12,7 @@ every integer and floating format and every scale kind (group, per-channel, mx) 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import torch
@@ -119,65 +120,83 @@ def quantize_gptq(w: torch.Tensor, scheme, inputs: torch.Tensor | None = None, *
     if scheme.sparsity is not None:
         raise NotImplementedError(f"{scheme}: 2:4 sparse quantization is not implemented yet")
     _check_options(damp, block_size)
-    n, k = w.shape
-    h = _layer_hessian(inputs, hessian, k, w.device)
-    w32 = w.to(torch.float32).clone()
+    h = _layer_hessian(inputs, hessian, w.shape[1], w.device)
+    codes, scales, zeros, perm = _gptq(w, scheme, h, clip_search, act_order, float(damp), block_size)
+    return build(scheme, codes, scales, zeros, w.dtype, perm)
 
+
+def _gptq(w: torch.Tensor, scheme: Scheme, h: torch.Tensor, clip_search: bool, act_order: bool, damp: float,
+          block_size: int):
+    """GPTQ of a checked ``w`` with its Hessian ``h`` (float32, modified): codes ``[out, in]``,
+    stored scales and zero points ``[out, groups]`` (zeros None if symmetric), perm (None without act-order)."""
+    cols = w.to(torch.float32).T.contiguous()  # [in, out]: GPTQ walks the columns of W, keep each contiguous
     # A column whose input is always zero has no effect on the output: zero it, keep H invertible.
     diag = h.diagonal().clone()
     dead = diag == 0
     h[dead, dead] = 1.0
-    w32[:, dead] = 0.0
+    cols[dead] = 0.0
     perm = None
     if act_order:
         perm = torch.argsort(diag, descending=True, stable=True)
-        w32, h = w32[:, perm], h[perm][:, perm]
-    hinv = _inverse_hessian_factor(h, float(damp))
+        cols, h = cols[perm], h[perm][:, perm]
+    with _one_thread_on_cpu(w.device):
+        codes, group_scales, group_zeros = _quantize_columns(cols, _inverse_hessian_factor(h, damp), scheme,
+                                                             w.dtype, clip_search, block_size)
+    zeros = None if scheme.symmetric else torch.stack(group_zeros, dim=1)
+    return codes.T, torch.stack(group_scales, dim=1), zeros, perm
 
-    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
-    if scheme.per_channel:
-        stored, col_scale, col_zero = group_params(w32, scheme, w.dtype, clip_search)
-        group = k
-    else:
-        group = scheme.group_size
-        num_groups = -(-k // group)
-        stored = zeros = None
+
+def _quantize_columns(cols, hinv, scheme: Scheme, weight_dtype, clip_search: bool, block_size: int):
+    """The GPTQ loop over ``cols`` (``W^T``, updated in place): codes ``[in, out]`` and, per group,
+    the stored scales ``[out]`` and zero points ``[out]`` (None if symmetric)."""
+    k, n = cols.shape
+    codes = torch.empty(k, n, dtype=torch.uint8, device=cols.device)
+    group = k if scheme.per_channel else scheme.group_size
+    group_scales, group_zeros = [], []  # per group: stored scales [out], zero points [out]
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)
-        block = w32[:, b0:b1].clone()
-        block_err = torch.zeros_like(block)
+        block = cols[b0:b1]  # updated in place
+        block_err = torch.empty_like(block)
         for i in range(b1 - b0):
             col = b0 + i
-            if not scheme.per_channel and col % group == 0:
-                g_stored, col_scale, col_zero = group_params(
-                    _updated_group(w32, block, block_err, hinv, b0, i, group), scheme, w.dtype, clip_search)
-                if stored is None:
-                    stored = g_stored.new_empty(n, num_groups)
-                    zeros = None if col_zero is None else col_zero.new_empty(n, num_groups)
-                stored[:, col // group] = g_stored[:, 0]
-                if zeros is not None:
-                    zeros[:, col // group] = col_zero[:, 0]
-            c = encode_codes(block[:, i:i + 1], scheme, col_scale, col_zero)
-            codes[:, col] = c[:, 0]
-            err = (block[:, i] - decode_codes(c, scheme, col_scale, col_zero)[:, 0]) / hinv[col, col]
-            block[:, i + 1:].addr_(err, hinv[col, col + 1:b1], alpha=-1.0)
-            block_err[:, i] = err
-        w32[:, b1:].addmm_(block_err, hinv[b0:b1, b1:], alpha=-1.0)
-    if scheme.per_channel:
-        zeros = col_zero
-    return build(scheme, codes, stored, zeros, w.dtype, perm)
+            if col % group == 0:
+                stored, scales, zeros = group_params(_updated_group(cols, block_err, hinv, b0, b1, col, group).T,
+                                                     scheme, weight_dtype, clip_search)
+                group_scales.append(stored[:, 0])
+                scale, zero = scales[:, 0], None if zeros is None else zeros[:, 0]
+                group_zeros.append(zero)
+            c = encode_codes(block[i], scheme, scale, zero)
+            codes[col] = c
+            err = (block[i] - decode_codes(c, scheme, scale, zero)) / hinv[col, col]
+            block[i + 1:].addr_(hinv[col, col + 1:b1], err, alpha=-1.0)
+            block_err[i] = err
+        cols[b1:].addmm_(hinv[b0:b1, b1:].T, block_err, alpha=-1.0)
+    return codes, group_scales, group_zeros
 
 
-def _updated_group(w32, block, block_err, hinv, b0: int, i: int, group: int) -> torch.Tensor:
-    """Columns ``b0+i .. b0+i+group`` with every error so far applied: those inside the current
-    block are up to date in ``block``; those past it still lack this block's pending update."""
-    b1 = b0 + block.shape[1]
-    end = min(b0 + i + group, w32.shape[1])
-    inside = block[:, i:min(i + group, block.shape[1])]
+def _updated_group(cols, block_err, hinv, b0: int, b1: int, col: int, group: int) -> torch.Tensor:
+    """Columns ``col .. col+group`` (rows of ``cols``) with every error so far applied: those inside
+    the current block ``b0..b1`` are up to date; those past it still lack this block's pending update."""
+    end = min(col + group, cols.shape[0])
     if end <= b1:
-        return inside
-    beyond = w32[:, b1:end] - block_err[:, :i] @ hinv[b0:b0 + i, b1:end]
-    return torch.cat([inside, beyond], dim=1)
+        return cols[col:end]
+    beyond = cols[b1:end] - hinv[b0:col, b1:end].T @ block_err[:col - b0]
+    return torch.cat([cols[col:b1], beyond])
+
+
+@contextlib.contextmanager
+def _one_thread_on_cpu(device: torch.device):
+    """GPTQ's operations are small (one column, or a Hessian of in_features^2): on CPU, worker
+    threads only add synchronisation (and stall badly when the cores are shared), so use one."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # -- whole models ------------------------------------------------------------------------------
@@ -203,6 +222,10 @@ def _check_calibration(calibration) -> None:
                             else type(calibration).__name__))
     if calibration.numel() == 0:
         raise ValueError(f"calibration is empty: shape {tuple(calibration.shape)}")
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    return next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -269,6 +292,44 @@ def _collect_hessians(layer, linears: dict[str, nn.Linear], batches, device) -> 
     return accumulators
 
 
+def _same_hessian_groups(linears: dict[str, nn.Linear], accumulators: dict[str, HessianAccumulator]):
+    """Names of linears grouped by identical Hessian (they read the same input, as q/k/v and gate/up)
+    and weight dtype: GPTQ treats rows independently, so one pass over their stacked rows does them all."""
+    groups: list[list[str]] = []
+    for name, linear in linears.items():
+        for group in groups:
+            first = group[0]
+            if linears[first].weight.dtype == linear.weight.dtype and torch.equal(accumulators[first].sum,
+                                                                                  accumulators[name].sum):
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
+
+
+def _quantize_linears(layer, names, linears, accumulator, scheme, clip_search, act_order, damp, block_size) -> None:
+    """GPTQ of the linears ``names`` (sharing one Hessian) and their replacement by QuantLinears."""
+    from ..nn import QuantLinear
+
+    h = accumulator.hessian
+    if not torch.isfinite(h).all():
+        raise ValueError(f"the calibration inputs of {names} have inf or NaN values")
+    w = torch.cat([linears[name].weight.detach() for name in names])
+    check_weight(w)
+    codes, scales, zeros, perm = _gptq(w, scheme, h, clip_search, act_order, damp, block_size)
+    row = 0
+    for name in names:
+        linear = linears[name]
+        rows = slice(row, row + linear.out_features)
+        row = rows.stop
+        qw = build(scheme, codes[rows], scales[rows], None if zeros is None else zeros[rows], w.dtype,
+                   None if perm is None else perm.clone())  # own copy: checkpoints refuse shared tensors
+        parent_name, _, child = name.rpartition(".")
+        parent = layer.get_submodule(parent_name) if parent_name else layer
+        setattr(parent, child, QuantLinear.from_qweight(qw, linear.bias))
+
+
 def quantize_model_gptq(model: nn.Module, scheme, calibration: torch.Tensor, *, exclude: Iterable[str] = ("lm_head",),
                         act_order: bool = False, clip_search: bool = False, damp: float = 0.01,
                         block_size: int = 128, progress: bool = True, device=None,
@@ -283,7 +344,7 @@ def quantize_model_gptq(model: nn.Module, scheme, calibration: torch.Tensor, *, 
     layer's outputs; then it goes back where it was. ``exclude`` is as in :func:`lowbit.quantize_model`;
     linears outside the decoder layers (``lm_head``) must be excluded.
     """
-    from ..nn import QuantLinear, quantized_linears
+    from ..nn import quantized_linears
 
     scheme = Scheme.parse(scheme)
     _check_calibration(calibration)
@@ -302,30 +363,23 @@ def quantize_model_gptq(model: nn.Module, scheme, calibration: torch.Tensor, *, 
 
     was_training = model.training
     model.eval()
+    # What runs before the first layer: the embeddings and the rotary position embeddings.
     front = [m for m in (decoder.embed_tokens, getattr(decoder, "rotary_emb", None)) if m is not None]
-    front_devices = [next(m.parameters(), next(m.buffers(), None)) for m in front]
+    front_homes = [_module_device(m) for m in front]
     with torch.no_grad():
         for m in front:
             m.to(device)
         batches = _capture_first_layer_inputs(decoder, calibration, device, batch_size)
-        for m, t in zip(front, front_devices):
-            if t is not None:
-                m.to(t.device)
+        for m, home in zip(front, front_homes):
+            m.to(home)
         for layer in tqdm(decoder.layers, desc=f"GPTQ {scheme}", disable=not progress, unit="layer"):
-            home = next(layer.parameters()).device
+            home = _module_device(layer)
             layer.to(device)
             linears = {name: m for name, m in layer.named_modules() if id(m) in target_ids}
             accumulators = _collect_hessians(layer, linears, batches, device)
-            for name, linear in linears.items():
-                h = accumulators[name].hessian
-                if not torch.isfinite(h).all():
-                    raise ValueError(f"the calibration inputs of {name} have inf or NaN values")
-                qw = quantize_gptq(linear.weight, scheme, hessian=h, clip_search=clip_search, act_order=act_order,
-                                   damp=damp, block_size=block_size)
-                parent_name, _, child = name.rpartition(".")
-                parent = layer.get_submodule(parent_name) if parent_name else layer
-                setattr(parent, child, QuantLinear.from_qweight(qw, linear.bias))
-                del accumulators[name]
+            for names in _same_hessian_groups(linears, accumulators):
+                _quantize_linears(layer, names, linears, accumulators[names[0]], scheme, clip_search, act_order,
+                                  float(damp), block_size)
             outs = _run_layer(layer, batches)
             batches = [(out, args, kwargs) for out, (_, args, kwargs) in zip(outs, batches)]
             layer.to(home)
