@@ -12,9 +12,13 @@ if [ "${TESTS:-}" != "none" ]; then
     > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests exit $?"; tail -n 15 "$OUT/gpu_tests.log"
 fi
-if [ -n "${TUNE_ARGS:-}" ]; then
-  timeout ${TUNE_TIMEOUT:-240} python3 -m lowbit.kernels.tune $TUNE_ARGS --out "$OUT/tuned.json" > "$OUT/tune.log" 2>&1
-  echo "tune exit $?"; tail -n 40 "$OUT/tune.log"
+if [ -n "${PROBES:-}" ]; then  # ';'-separated argument lists of bench/probe_kernel.py
+  IFS=';' read -ra probe_list <<< "$PROBES"
+  for p in "${probe_list[@]}"; do timeout 120 python3 bench/probe_kernel.py $p 2>&1 | tail -n 25; done
+fi
+if [ -n "${TUNE_ARGS:-}" ]; then  # tuned entries go where the dispatcher reads them, and to $OUT
+  timeout ${TUNE_TIMEOUT:-240} python3 -m lowbit.kernels.tune $TUNE_ARGS > "$OUT/tune.log" 2>&1
+  echo "tune exit $?"; tail -n 40 "$OUT/tune.log"; cp lowbit/kernels/configs/*.json "$OUT/" 2>/dev/null
 fi
 timeout ${BENCH_TIMEOUT:-300} python3 -m lowbit.bench.layers ${BENCH_ARGS:-} --json "$OUT/layers.json" \
   --plot "$OUT/layers.png" 2>&1 | tee "$OUT/bench.log" | tail -n 40
