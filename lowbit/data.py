@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_MODEL_NAME", "load_default_model", "load_model", "default_text_path", "load_text", "split_text",
-           "calibration_tokens", "eval_tokens"]
+__all__ = ["DEFAULT_MODEL_NAME", "load_default_model", "load_model", "load_tokenizer", "default_text_path",
+           "load_text", "split_text", "tokenize", "calibration_tokens", "eval_tokens"]
 
 DEFAULT_MODEL_NAME = "smollm2-135m"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -166,8 +166,10 @@ def split_text(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _token_ids(tokenizer, text: str) -> torch.Tensor:
-    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64).flatten()
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids ``[n]`` of ``text`` (the first ``max_tokens`` when given)."""
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64).flatten()
+    return ids if max_tokens is None else ids[:max_tokens]
 
 
 def calibration_tokens(tokenizer, n_seq: int = CALIBRATION_SEQS, seq_len: int = CALIBRATION_LEN,
@@ -177,7 +179,7 @@ def calibration_tokens(tokenizer, n_seq: int = CALIBRATION_SEQS, seq_len: int = 
     ``n_seq * seq_len`` tokens."""
     if n_seq < 1 or seq_len < 2:
         raise ValueError(f"calibration needs n_seq >= 1 and seq_len >= 2, got n_seq={n_seq}, seq_len={seq_len}")
-    ids = _token_ids(tokenizer, split_text(load_text() if text is None else text)[0])
+    ids = tokenize(tokenizer, split_text(load_text() if text is None else text)[0])
     if len(ids) < seq_len:
         raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than seq_len={seq_len}")
     starts = torch.linspace(0, len(ids) - seq_len, n_seq).round().long().tolist()
@@ -187,9 +189,7 @@ def calibration_tokens(tokenizer, n_seq: int = CALIBRATION_SEQS, seq_len: int = 
 def eval_tokens(tokenizer, text: str | None = None, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids ``[n]`` of the held-out part of ``text`` (default: the default text), the first
     ``max_tokens`` of them when given."""
-    ids = _token_ids(tokenizer, split_text(load_text() if text is None else text)[1])
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
+    ids = tokenize(tokenizer, split_text(load_text() if text is None else text)[1], max_tokens)
     if len(ids) < 2:
         raise ValueError(f"the held-out text has {len(ids)} token(s); perplexity needs at least 2")
     return ids

@@ -253,4 +253,12 @@ def _vllm_classes():
             scheme, dtype, act_order = kinds.pop()
             return LowbitLinearMethod(Scheme.parse(scheme), getattr(torch, dtype), act_order, prefix)
 
+    # Module-level names (see __getattr__), so that vLLM can pickle the config into its engine process.
+    LowbitVllmConfig.__qualname__, LowbitLinearMethod.__qualname__ = "LowbitVllmConfig", "LowbitLinearMethod"
     return LowbitVllmConfig, LowbitLinearMethod
+
+
+def __getattr__(name: str):
+    if name in ("LowbitVllmConfig", "LowbitLinearMethod"):
+        return dict(zip(("LowbitVllmConfig", "LowbitLinearMethod"), _vllm_classes()))[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -170,9 +170,15 @@ def lowbit_matmul_kernel(
             part = tl.zeros(acc.shape, dtype=tl.float32)
         else:
             part = acc
-        if ASM4 != "":
-            planes = tl.inline_asm_elementwise(ASM4, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w0], dtype=(
-                COMPUTE, COMPUTE, COMPUTE, COMPUTE, COMPUTE, COMPUTE, COMPUTE, COMPUTE), is_pure=True, pack=1)
+        if ASM4 != "":  # (dtype tuples must hold plain dtypes, not the COMPUTE constexpr)
+            if COMPUTE == tl.float16:
+                planes = tl.inline_asm_elementwise(ASM4, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w0], dtype=(
+                    tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
+                    is_pure=True, pack=1)
+            else:
+                planes = tl.inline_asm_elementwise(ASM4, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w0], dtype=(
+                    tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                    tl.bfloat16), is_pure=True, pack=1)
         for j in tl.static_range(NP):
             k0 = t * TILE_K + j * PD
             if not PER_CHANNEL:

@@ -1,0 +1,236 @@
+"""The main job: accuracy of each scheme on the embedded model (SmolLM2-135M), as a table.
+
+Loads the model once, evaluates it unquantized (the baseline, whose next-token log-probs are kept
+as the KL reference), then for each scheme and method quantizes a copy and evaluates it on the
+same held-out tokens: perplexity, its change vs the baseline, mean KL(baseline || quantized).
+
+On CPU everything runs in float32 (the baseline row stands for fp16 weights, run in float32); the
+linears are rounded to float16 before RTN so group scales are stored as a float16 checkpoint would
+store them. On CUDA the whole model runs in float16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.util
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import data
+from ..eval import evaluate
+from ..nn import QuantLinear, quantize_model, quantized_linears
+from ..scheme import Scheme
+
+DEFAULT_SCHEMES = ["int8-channel", "int4-g128", "int4-g32-asym", "int3-g64", "fp6_e3m2-channel",
+                   "fp6_e2m3-channel", "fp5_e2m2-channel", "fp4_e2m1-g32"]
+METHODS = {  # name -> (quantizer, options)
+    "rtn": ("rtn", {}),
+    "clip": ("rtn", {"clip_search": True}),
+    "gptq": ("gptq", {"act_order": False}),
+    "gptq-act": ("gptq", {"act_order": True}),
+}
+BASELINE = "fp16"
+# 4096 tokens at seq_len 512 / stride 256 is 15 windows per model: the default run (baseline +
+# 8 schemes, RTN) stays well under 15 minutes on 2 CPU cores, and KL is already stable there.
+DEFAULT_EVAL_TOKENS = 4096
+Q4_1_NOTE = ("Note: the model's released weights are themselves Q4_1 (4-bit, group 32, a float16 scale and "
+             "minimum per group), so int4 with group 32 is close to lossless by construction: the table "
+             "shows how schemes differ, not the loss from original 16-bit weights.")
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _schemes(text: str) -> list[str]:
+    out = []
+    for name in _csv(text):
+        if name == BASELINE:  # the baseline row is always there
+            continue
+        try:
+            out.append(str(Scheme.parse(name)))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(
+                f"{err} (schemes look like int4-g128, int4-g32-asym, fp6_e3m2-channel)") from None
+    return out
+
+
+def _methods(text: str) -> list[str]:
+    out = _csv(text)
+    unknown = [m for m in out if m not in METHODS]
+    if unknown or not out:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--schemes", type=_schemes, default=DEFAULT_SCHEMES, metavar="S1,S2,...",
+                   help=f"comma-separated schemes (default: {','.join(DEFAULT_SCHEMES)}); "
+                        "the unquantized baseline row is always included")
+    p.add_argument("--methods", type=_methods, default=["rtn"], metavar="M1,M2,...",
+                   help=f"comma-separated, each row of each scheme: {', '.join(METHODS)} (default: rtn); "
+                        "clip = RTN with clipping search, gptq-act = GPTQ with act-order")
+    p.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--max-eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, metavar="N",
+                   help=f"held-out tokens to evaluate (default: {DEFAULT_EVAL_TOKENS}; the whole held-out part "
+                        "is ~22k tokens)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--calib-seqs", type=int, default=data.CALIBRATION_SEQS, help="GPTQ calibration sequences")
+    p.add_argument("--calib-len", type=int, default=data.CALIBRATION_LEN, help="GPTQ calibration sequence length")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Payload bits per weight over all quantized linears (codes, scales, zero points), weighted by size."""
+    layers = [m.qweight for m in model.modules() if isinstance(m, QuantLinear)]
+    weights = sum(qw.out_features * qw.in_features for qw in layers)
+    return sum(qw.bits_per_weight * qw.out_features * qw.in_features for qw in layers) / weights
+
+
+def size_mb(model: nn.Module) -> float:
+    """Stored size: quantized linears as stored, every other parameter at 16 bits (as a float16 checkpoint)."""
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    inside = {id(p) for m in quantized for p in m.parameters()}
+    total = sum(m.qweight.nbytes + (0 if m.bias is None else 2 * m.bias.numel()) for m in quantized)
+    total += sum(2 * p.numel() for p in model.parameters() if id(p) not in inside)  # tied weights count once
+    return total / 1e6
+
+
+def _quantize(model: nn.Module, scheme: str, method: str, calibration, device: torch.device) -> None:
+    quantizer, options = METHODS[method]
+    if quantizer == "rtn":
+        for _, linear in quantized_linears(model):
+            linear.half()  # float16 weights, so group scales are float16 as in a float16 checkpoint
+        quantize_model(model, scheme, progress=True, **options)
+    else:
+        from ..quantize.gptq import quantize_model_gptq
+
+        quantize_model_gptq(model, scheme, calibration(), device=device, **options)
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available")
+    if args.max_eval_tokens < 2:
+        raise ValueError(f"--max-eval-tokens must be >= 2, got {args.max_eval_tokens}")
+    methods = list(args.methods)
+    if any(METHODS[m][0] == "gptq" for m in methods) and importlib.util.find_spec("lowbit.quantize.gptq") is None:
+        print("GPTQ is not available in this lowbit (lowbit.quantize.gptq missing): skipping its rows")
+        methods = [m for m in methods if METHODS[m][0] != "gptq"]
+
+    print(f"loading the embedded model {data.DEFAULT_MODEL_NAME} ({data.GGUF_FILE}) ...", flush=True)
+    model, tokenizer = data.load_default_model(torch.float32)
+    # float32 on CPU (no fast float16 CPU matmul to count on); float16 on GPUs, as deployed.
+    model = model.to(device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    text_path = data.default_text_path()
+    text = data.load_text(text_path)
+    tokens = data.eval_tokens(tokenizer, text, max_tokens=args.max_eval_tokens)
+    window = dict(seq_len=args.seq_len, stride=args.stride)
+    print(f"text: {text_path} (held-out part: after the first {data.CALIBRATION_FRACTION:.0%} of its characters)")
+    print(f"evaluation budget: {len(tokens)} tokens, seq_len {args.seq_len}, stride {args.stride}; "
+          f"{len(args.schemes)} scheme(s) x {len(methods)} method(s) on {device}")
+    print(Q4_1_NOTE, flush=True)
+
+    calibration_cache = []
+
+    def calibration():
+        if not calibration_cache:
+            calibration_cache.append(data.calibration_tokens(tokenizer, args.calib_seqs, args.calib_len, text))
+        return calibration_cache[0]
+
+    t = time.perf_counter()
+    base = evaluate(model, tokens, **window, keep_reference=True, desc="baseline")
+    baseline_label = "fp16 (float32 run)" if device.type == "cpu" else "fp16"
+    rows = [{"scheme": BASELINE, "method": baseline_label, "bits_per_weight": 16.0, "size_mb": size_mb(model),
+             "ppl": base.ppl, "ppl_delta_pct": 0.0, "kl": 0.0, "quantize_s": 0.0,
+             "eval_s": time.perf_counter() - t}]
+    print(_row_line(rows[0]), flush=True)
+    for scheme in args.schemes:
+        for method in methods:
+            qmodel = copy.deepcopy(model)
+            t = time.perf_counter()
+            _quantize(qmodel, scheme, method, calibration, device)
+            quantize_s = time.perf_counter() - t
+            t = time.perf_counter()
+            result = evaluate(qmodel, tokens, **window, reference=base.reference, desc=f"{scheme} {method}")
+            rows.append({"scheme": scheme, "method": method, "bits_per_weight": bits_per_weight(qmodel),
+                         "size_mb": size_mb(qmodel), "ppl": result.ppl,
+                         "ppl_delta_pct": 100 * (result.ppl / base.ppl - 1), "kl": result.kl,
+                         "quantize_s": quantize_s, "eval_s": time.perf_counter() - t})
+            print(_row_line(rows[-1]), flush=True)
+            del qmodel
+    return {"kind": "accuracy", "model": data.DEFAULT_MODEL_NAME, "text": str(text_path),
+            "tokens_evaluated": base.tokens_evaluated, "seq_len": args.seq_len, "stride": args.stride,
+            "device": str(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "commit": _git_commit(), "torch": torch.__version__, "runtime_s": time.perf_counter() - started,
+            "rows": rows}
+
+
+def _row_line(row: dict) -> str:
+    return (f"done: {row['scheme']} {row['method']}: ppl {row['ppl']:.3f} ({row['ppl_delta_pct']:+.2f}%), "
+            f"KL {row['kl']:.4f}, quantize {row['quantize_s']:.0f} s, eval {row['eval_s']:.0f} s")
+
+
+def format_table(report: dict) -> str:
+    header = ("scheme", "method", "bits/w", "size MB", "perplexity", "delta", "KL")
+    lines = [(r["scheme"], r["method"], f"{r['bits_per_weight']:.3f}", f"{r['size_mb']:.1f}", f"{r['ppl']:.3f}",
+              f"{r['ppl_delta_pct']:+.2f}%", f"{r['kl']:.4f}") for r in report["rows"]]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def fmt(cells) -> str:  # text columns left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="lowbit accuracy", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run_and_report(p.parse_args(argv))
+
+
+def run_and_report(args: argparse.Namespace) -> int:
+    report = run(args)
+    print()
+    print(f"{report['model']} on {report['tokens_evaluated']} tokens of {Path(report['text']).name} "
+          f"(seq_len {report['seq_len']}, stride {report['stride']}, {report['device']})")
+    print(format_table(report))
+    print("bits/w: codes + scales + zero points of the quantized linears (all but lm_head, which is tied to the "
+          "embeddings); size: quantized linears as stored + every other parameter at 16 bits; "
+          "delta: perplexity change vs the baseline; KL: mean KL(baseline || quantized) per token, nats.")
+    if report["device"] == "cpu":
+        print("The fp16 baseline is the unquantized model run in float32 on CPU. RTN rows quantize the linears "
+              "rounded to float16 (float16 group scales, as a float16 checkpoint).")
+        if any(METHODS[r["method"]][0] == "gptq" for r in report["rows"][1:]):
+            print("GPTQ rows calibrate in float32 on CPU and so store float32 group scales (16/group bits/w more).")
+    print(Q4_1_NOTE)
+    print(f"runtime: {report['runtime_s']:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
