@@ -7,14 +7,17 @@ OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+if [ -n "${PROBES:-}" ]; then  # ';'-separated argument lists of bench/probe_kernel.py
+  IFS=';' read -ra probe_list <<< "$PROBES"
+  for p in "${probe_list[@]}"; do
+    timeout 120 python3 bench/probe_kernel.py $p > "$OUT/probe.log" 2>&1; rc=$?; tail -n 14 "$OUT/probe.log"
+    [ $rc = 0 ] || exit 1  # a kernel that does not compile makes the rest of the session moot
+  done
+fi
 if [ "${TESTS:-}" != "none" ]; then
   timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu tests ${TESTS:+-k "$TESTS"} -p no:cacheprovider \
     > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests exit $?"; tail -n 15 "$OUT/gpu_tests.log"
-fi
-if [ -n "${PROBES:-}" ]; then  # ';'-separated argument lists of bench/probe_kernel.py
-  IFS=';' read -ra probe_list <<< "$PROBES"
-  for p in "${probe_list[@]}"; do timeout 120 python3 bench/probe_kernel.py $p 2>&1 | tail -n 25; done
 fi
 if [ -n "${TUNE_ARGS:-}" ]; then  # tuned entries go where the dispatcher reads them, and to $OUT
   timeout ${TUNE_TIMEOUT:-240} python3 -m lowbit.kernels.tune $TUNE_ARGS > "$OUT/tune.log" 2>&1
