@@ -173,16 +173,20 @@ def set_offsets(transform, predicate=lambda begin, end: True):
 
 
 def swap_offsets(same_size):
-    """Exchange two tensors' data_offsets: a size mismatch, or (same size, different bytes) only a hash mismatch."""
+    """Exchange two tensors' data_offsets: a size mismatch, or (same dtype and shape, different bytes) a
+    valid header that only the hashes can tell from the original."""
     def edit(header, data, rng):
         def payload(k):
             return data[slice(*header[k]["data_offsets"])]
+
+        def swappable(a, b):
+            if not same_size:
+                return len(payload(a)) != len(payload(b))
+            same_layout = all(header[a][f] == header[b][f] for f in ("dtype", "shape"))
+            return same_layout and payload(a) != payload(b)
+
         names = tensor_names(header)
-        pairs = [(a, b) for a in names for b in names if a < b
-                 and (len(payload(a)) == len(payload(b))) == same_size and payload(a) != payload(b)
-                 and header[a]["dtype"] == header[b]["dtype"] and header[a]["shape"] == header[b]["shape"] or
-                 (a < b and not same_size and len(payload(a)) != len(payload(b)))]
-        a, b = rng.choice(pairs)
+        a, b = rng.choice([(a, b) for a in names for b in names if a < b and swappable(a, b)])
         header[a]["data_offsets"], header[b]["data_offsets"] = header[b]["data_offsets"], header[a]["data_offsets"]
     return edit
 
@@ -216,7 +220,7 @@ def set_hash(make):
 def add_empty_entry(shape):
     """A zero-byte tensor in a quantized layer, so the data offsets stay consistent."""
     def edit(header, data, rng):
-        key = pick(header, rng, lambda e: True).rsplit(".", 1)[0] + ".extra"
+        key = pick(header, rng).rsplit(".", 1)[0] + ".extra"
         header[key] = {"dtype": "F16", "shape": shape, "data_offsets": [0, 0]}
         header["__metadata__"][SHA256_PREFIX + key] = tensor_sha256(torch.empty(0))
     return edit
@@ -241,7 +245,11 @@ def quant_field(name, value):
 
 
 
-def module_field(name, transform, predicate=lambda entry: True):
+def any_entry(entry):
+    return True
+
+
+def module_field(name, transform, predicate=any_entry):
     """``transform(entry value)`` for one module of the quantization config (chosen among ``predicate``)."""
     def change(config, rng):
         modules = config["quantization_config"]["modules"]
@@ -516,7 +524,7 @@ def build_cases() -> list[Case]:
                 ("dtype-deleted", "dtype", DELETE, None),
                 ("act-order-on", "act_order", lambda a: True, lambda e: not e["act_order"]),
                 ("act-order-string", "act_order", lambda a: "yes", None)]:
-            add(f"config-module-{name}", base, config_edit(module_field(field, transform, predicate or (lambda e: True))))
+            add(f"config-module-{name}", base, config_edit(module_field(field, transform, predicate or any_entry)))
         add("config-module-not-object", base, config_edit(modules_edit(
             lambda m, c, r: m.update({sorted(m)[0]: "int4-g32"}))))
         add("config-module-removed", base, config_edit(modules_edit(remove_module)))

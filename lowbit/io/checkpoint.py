@@ -280,10 +280,12 @@ def _read_header(path: Path) -> dict[str, _StoredTensor]:
         size = path.stat().st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
-            header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
-            if header_len is None or header_len > min(size - 8, _MAX_HEADER_BYTES):
-                raise CheckpointError(f"{path}: truncated or corrupt: header length "
-                                      f"{header_len if header_len is not None else 'missing'} for a file of {size} bytes")
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: truncated: {size} bytes, not even the 8-byte header length")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > min(size - 8, _MAX_HEADER_BYTES):
+                raise CheckpointError(f"{path}: truncated or corrupt: header length {header_len} "
+                                      f"for a file of {size} bytes")
             raw = f.read(header_len)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
@@ -327,8 +329,9 @@ def _read_header(path: Path) -> dict[str, _StoredTensor]:
     end, data_size = 0, size - 8 - header_len
     for begin, stop, key in sorted(spans):
         if begin != end:
-            raise CheckpointError(f"{path}: tensor {key!r}: data_offsets [{begin}, {stop}] "
-                                  f"{'overlap' if begin < end else 'leave a gap after'} the previous tensor (ending at {end})")
+            problem = "overlap" if begin < end else "leave a gap after"
+            raise CheckpointError(f"{path}: tensor {key!r}: data_offsets [{begin}, {stop}] {problem} "
+                                  f"the previous tensor (ending at {end})")
         end = stop
     if end != data_size:
         raise CheckpointError(f"{path}: truncated or corrupt: the tensors cover {end} bytes of data, "
@@ -384,12 +387,11 @@ class _LayerSpec:
     shape: tuple[int, int]
     dtype: torch.dtype
     act_order: bool
-    layout: str
 
     def meta(self) -> dict:
         """The dict :meth:`QuantizedWeight.from_tensors` takes."""
         return {"scheme": str(self.scheme), "shape": list(self.shape),
-                "dtype": str(self.dtype).removeprefix("torch."), "layout": self.layout}
+                "dtype": str(self.dtype).removeprefix("torch."), "layout": _pack.LAYOUT}
 
 
 def _parse_scheme(text, where: str) -> Scheme:
@@ -434,7 +436,7 @@ def _quantized_layers(config: dict, path: Path) -> dict[str, _LayerSpec]:
             raise CheckpointError(f"{at}.dtype must be one of {sorted(_WEIGHT_DTYPES)}, got {entry.get('dtype')!r}")
         if not isinstance(entry.get("act_order"), bool):
             raise CheckpointError(f"{at}.act_order must be true or false, got {entry.get('act_order')!r}")
-        layers[name] = _LayerSpec(scheme, (shape[0], shape[1]), dtype, entry["act_order"], q["layout"])
+        layers[name] = _LayerSpec(scheme, (shape[0], shape[1]), dtype, entry["act_order"])
     return layers
 
 
