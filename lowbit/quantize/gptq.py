@@ -256,11 +256,12 @@ def _capture_first_layer_inputs(decoder, calibration, device, batch_size):
     return captured
 
 
-def _run_layer(layer, batches):
-    """Outputs of ``layer`` for each captured batch (the next layer's hidden states)."""
+def _run_layer(layer, batches, weights: dict[str, torch.Tensor] | None = None):
+    """Outputs of ``layer`` for each captured batch (the next layer's hidden states), with its
+    parameters named in ``weights`` replaced by those tensors."""
     outs = []
     for hidden, args, kwargs in batches:
-        out = layer(hidden, *args, **kwargs)
+        out = torch.func.functional_call(layer, weights or {}, (hidden, *args), kwargs, strict=False)
         outs.append(out[0] if isinstance(out, (tuple, list)) else out)
     return outs
 
@@ -308,8 +309,8 @@ def _same_hessian_groups(linears: dict[str, nn.Linear], accumulators: dict[str, 
     return groups
 
 
-def _quantize_linears(layer, names, linears, accumulator, scheme, clip_search, act_order, damp, block_size) -> None:
-    """GPTQ of the linears ``names`` (sharing one Hessian) and their replacement by QuantLinears."""
+def _gptq_linears(names, linears, accumulator, scheme, clip_search, act_order, damp, block_size):
+    """GPTQ of the linears ``names`` (sharing one Hessian): a QuantLinear for each."""
     from ..nn import QuantLinear
 
     h = accumulator.hessian
@@ -318,16 +319,15 @@ def _quantize_linears(layer, names, linears, accumulator, scheme, clip_search, a
     w = torch.cat([linears[name].weight.detach() for name in names])
     check_weight(w)
     codes, scales, zeros, perm = _gptq(w, scheme, h, clip_search, act_order, damp, block_size)
-    row = 0
+    quantized, row = {}, 0
     for name in names:
         linear = linears[name]
         rows = slice(row, row + linear.out_features)
         row = rows.stop
         qw = build(scheme, codes[rows], scales[rows], None if zeros is None else zeros[rows], w.dtype,
                    None if perm is None else perm.clone())  # own copy: checkpoints refuse shared tensors
-        parent_name, _, child = name.rpartition(".")
-        parent = layer.get_submodule(parent_name) if parent_name else layer
-        setattr(parent, child, QuantLinear.from_qweight(qw, linear.bias))
+        quantized[name] = QuantLinear.from_qweight(qw, linear.bias)
+    return quantized
 
 
 def quantize_model_gptq(model: nn.Module, scheme, calibration: torch.Tensor, *, exclude: Iterable[str] = ("lm_head",),
@@ -377,10 +377,16 @@ def quantize_model_gptq(model: nn.Module, scheme, calibration: torch.Tensor, *, 
             layer.to(device)
             linears = {name: m for name, m in layer.named_modules() if id(m) in target_ids}
             accumulators = _collect_hessians(layer, linears, batches, device)
+            quantized = {}
             for names in _same_hessian_groups(linears, accumulators):
-                _quantize_linears(layer, names, linears, accumulators[names[0]], scheme, clip_search, act_order,
-                                  float(damp), block_size)
-            outs = _run_layer(layer, batches)
+                quantized.update(_gptq_linears(names, linears, accumulators[names[0]], scheme, clip_search,
+                                               act_order, float(damp), block_size))
+            # The next layer sees this one's quantized outputs; its weights are dequantized once, not per batch.
+            outs = _run_layer(layer, batches, {f"{name}.weight": q.qweight.dequantize(linears[name].weight.dtype)
+                                               for name, q in quantized.items()})
+            for name, q in quantized.items():
+                parent_name, _, child = name.rpartition(".")
+                setattr(layer.get_submodule(parent_name) if parent_name else layer, child, q)
             batches = [(out, args, kwargs) for out, (_, args, kwargs) in zip(outs, batches)]
             layer.to(home)
     model.train(was_training)
