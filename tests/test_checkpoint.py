@@ -128,6 +128,15 @@ def test_failed_load_gives_the_skeleton_back(tmp_path):
     assert all(type(m) is not QuantLinear for m in skeleton.modules())
 
 
+def test_mismatched_skeleton_is_left_as_it_was(tmp_path):
+    save_quantized(quantized_mlp(), tmp_path / "ckpt")
+    skeleton = mlp_skeleton()
+    skeleton[4] = nn.Linear(160, 40)  # the last quantized layer does not fit
+    with pytest.raises(CheckpointError, match=r"modules\['4'\]"):
+        load_quantized(tmp_path / "ckpt", model=skeleton)
+    assert all(type(m) is not QuantLinear for m in skeleton.modules())
+
+
 # -- Hugging Face LLaMA --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scheme,dtype", [("int4-g32-asym", torch.float16), ("int3-g32", torch.float32),

@@ -461,9 +461,10 @@ def _build_hf_model(config: dict, path: Path) -> nn.Module:
 
 # -- load: model -----------------------------------------------------------------------------------
 
-def _swap_in_quant_linears(model: nn.Module, layers: dict[str, _LayerSpec], path: Path) -> dict[str, nn.Module]:
-    """Replace each listed nn.Linear by an empty (meta) QuantLinear; return the originals for undoing."""
-    originals = {}
+def _empty_quant_linears(model: nn.Module, layers: dict[str, _LayerSpec], path: Path) -> dict[str, QuantLinear]:
+    """An empty (meta) QuantLinear for each listed layer, once the model is known to hold an nn.Linear of
+    that shape there (checked for all layers before any is swapped in)."""
+    replacements = {}
     for name, spec in layers.items():
         at = f"{path}: quantization_config.modules[{name!r}]"
         try:
@@ -475,11 +476,9 @@ def _swap_in_quant_linears(model: nn.Module, layers: dict[str, _LayerSpec], path
         if (linear.out_features, linear.in_features) != spec.shape:
             raise CheckpointError(f"{at}.shape is {list(spec.shape)} but the model's layer is "
                                   f"[{linear.out_features}, {linear.in_features}]")
-        quant = QuantLinear(spec.shape[1], spec.shape[0], spec.scheme, bias=linear.bias is not None,
-                            dtype=spec.dtype, device="meta", act_order=spec.act_order)
-        originals[name] = linear
-        _set_attr(model, name, quant)
-    return originals
+        replacements[name] = QuantLinear(spec.shape[1], spec.shape[0], spec.scheme, bias=linear.bias is not None,
+                                         dtype=spec.dtype, device="meta", act_order=spec.act_order)
+    return replacements
 
 
 def _check_layer(name: str, spec: _LayerSpec, stored: dict[str, _StoredTensor], root: Path) -> None:
@@ -584,9 +583,11 @@ def load_quantized(dir, model: nn.Module | None = None, verify: bool = False, de
         _check_layer(name, spec, stored, root)
 
     skeleton = _build_hf_model(config, config_path) if model is None else model
-    originals = {}
+    replacements = _empty_quant_linears(skeleton, layers, config_path)
+    originals = {name: skeleton.get_submodule(name) for name in replacements}
     try:
-        originals = _swap_in_quant_linears(skeleton, layers, config_path)
+        for name, quant in replacements.items():
+            _set_attr(skeleton, name, quant)
         quantized_prefixes = tuple(name + "." for name in layers)
         aliases = _match_state(skeleton, stored, quantized_prefixes, root)
         tensors = _read_tensors(stored, verify)
