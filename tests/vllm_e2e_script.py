@@ -18,11 +18,12 @@ DTYPE = torch.bfloat16
 
 
 def tiny_llama_checkpoint(workdir: Path) -> Path:
-    """A float checkpoint of a 2-layer random LLaMA whose logits have clear winners."""
+    """A float checkpoint of a 2-layer random LLaMA whose logits have clear winners (vLLM's CPU
+    attention wants head_dim >= 32; in_features 320 leaves down_proj a partial 128-wide tile)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    config = LlamaConfig(hidden_size=256, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, initializer_range=0.2,
                          eos_token_id=None, bos_token_id=1)
     model = LlamaForCausalLM(config).to(DTYPE)
