@@ -1,7 +1,8 @@
 """The ``lowbit`` command line: quantize, eval, info, convert, bench, tune, accuracy.
 
-Bad input (an invalid scheme, a missing file, a corrupt checkpoint) prints one line to stderr and
-exits with status 2; only unexpected failures show a traceback.
+Bad input (an invalid scheme, a missing file, a corrupt checkpoint: a ValueError, TypeError,
+FileNotFoundError, FileExistsError or NotImplementedError raised by lowbit's own code) prints one
+line to stderr and exits with status 2; only unexpected failures show a traceback.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def cmd_quantize(args) -> int:
 
     if args.act_order and args.method != "gptq":
         raise ValueError("--act-order needs --method gptq")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
+        # checked again by save_quantized; here so that no time is spent quantizing first
+        raise FileExistsError(f"{args.out} exists and is not empty; pass --overwrite to replace it")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model, tokenizer = data.load_model(args.src, dtype=dtype, device=args.device)
     if args.method == "gptq":
@@ -84,16 +88,17 @@ def cmd_eval(args) -> int:
     from . import data
     from .eval import evaluate
 
+    text = data.load_text(args.text)  # before the (slow) model load: a bad path fails at once
     model, tokenizer = data.load_model(args.model, device=args.device)
     if args.tokenizer:
         tokenizer = data.load_tokenizer(args.tokenizer)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model} holds no tokenizer: pass --tokenizer with the original model")
     if args.text:
-        tokens = data.tokenize(tokenizer, data.load_text(args.text), args.max_tokens)
+        tokens = data.tokenize(tokenizer, text, args.max_tokens)
         source = f"{args.text} (whole file)"
     else:
-        tokens = data.eval_tokens(tokenizer, max_tokens=args.max_tokens)
+        tokens = data.eval_tokens(tokenizer, text, max_tokens=args.max_tokens)
         source = f"{data.default_text_path()} (held-out part)"
     reference = data.load_model(args.ref, device=args.device)[0] if args.ref else None
     result = evaluate(model, tokens, args.seq_len, args.stride, args.batch_size, reference=reference)
@@ -270,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             return importlib.import_module(module).main(rest)
         args = build_parser().parse_args(argv)
         return args.handler(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:  # CheckpointError is a ValueError
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
+        # (CheckpointError is a ValueError)
         if not _raised_by_lowbit(err):
             raise
         print(f"lowbit: error: {err}", file=sys.stderr)

@@ -39,8 +39,8 @@ class Window:
 def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[Window]:
     if n_tokens < 2:
         raise ValueError(f"need at least 2 tokens to score one, got {n_tokens}")
-    if seq_len < 2 or not 1 <= stride <= seq_len:
-        raise ValueError(f"need seq_len >= 2 and 1 <= stride <= seq_len, got seq_len={seq_len}, stride={stride}")
+    if seq_len < 2 or not 1 <= stride < seq_len:  # stride < seq_len: each window's first target has context
+        raise ValueError(f"need seq_len >= 2 and 1 <= stride < seq_len, got seq_len={seq_len}, stride={stride}")
     windows, scored_until = [], 1  # token 0 has no context: it is never a target
     for begin in range(0, n_tokens, stride):
         end = min(begin + seq_len, n_tokens)

@@ -84,6 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "is ~22k tokens)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="windows per forward pass (default: 16, all windows of the default budget at once: on CPU "
+                        "each forward dequantizes every layer, so fewer, larger batches are faster)")
     p.add_argument("--calib-seqs", type=int, default=data.CALIBRATION_SEQS, help="GPTQ calibration sequences")
     p.add_argument("--calib-len", type=int, default=data.CALIBRATION_LEN, help="GPTQ calibration sequence length")
 
@@ -144,7 +147,7 @@ def run(args: argparse.Namespace) -> dict:
     text_path = data.default_text_path()
     text = data.load_text(text_path)
     tokens = data.eval_tokens(tokenizer, text, max_tokens=args.max_eval_tokens)
-    window = dict(seq_len=args.seq_len, stride=args.stride)
+    window = dict(seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size)
     print(f"text: {text_path} (held-out part: after the first {data.CALIBRATION_FRACTION:.0%} of its characters)")
     print(f"evaluation budget: {len(tokens)} tokens, seq_len {args.seq_len}, stride {args.stride}; "
           f"{len(args.schemes)} scheme(s) x {len(methods)} method(s) on {device}")
