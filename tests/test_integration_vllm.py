@@ -1,0 +1,126 @@
+"""The vLLM plugin: tensor-parallel sharding of lowbit weights (no vLLM needed), and, marked
+``vllm``, a real vLLM serving a lowbit checkpoint with the same greedy tokens as transformers."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.integrations.vllm import column_shard, fuse_columns, row_shard, slice_input_codes
+
+E2E_SCRIPT = Path(__file__).with_name("vllm_e2e_script.py")
+
+
+def weight(n, k, scheme, seed=0):
+    torch.manual_seed(seed)
+    return lowbit.quantize(torch.randn(n, k, dtype=torch.float16), scheme)
+
+
+def dense(qw):
+    return qw.dequantize(torch.float32)
+
+
+def vllm_column_shards(parts, tp, kv_parts=()):
+    """Each rank's fused weight as vLLM's column-parallel loaders build it: rank r takes slice r of
+    every part; a K/V part with fewer heads than ranks is replicated (slice r // replicas)."""
+    shards = []
+    for rank in range(tp):
+        pieces = []
+        for i, qw in enumerate(parts):
+            slices = min(tp, kv_parts[i]) if i < len(kv_parts) and kv_parts[i] else tp
+            size = qw.out_features // slices
+            pieces.append(column_shard(qw, (rank // (tp // slices)) * size, size))
+        shards.append(fuse_columns(pieces))
+    return shards
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("scheme", ["int4-g32", "int3-g16-asym", "fp6_e3m2-channel", "int8-g64"])
+def test_column_parallel_fused_qkv(tp, scheme):
+    """q (8 heads of 16), k and v (2 heads each: replicated across ranks at tp=4)."""
+    q, k, v = weight(128, 96, scheme, 1), weight(32, 96, scheme, 2), weight(32, 96, scheme, 3)
+    full = fuse_columns([q, k, v])
+    x = torch.randn(5, 96)
+    y = lowbit.matmul(x, full)
+    for rank, shard in enumerate(vllm_column_shards([q, k, v], tp, kv_parts=(None, 2, 2))):
+        qs, kvs = 128 // tp, 32 // min(tp, 2)
+        kv_rank = rank // (tp // min(tp, 2))
+        rows = torch.cat([torch.arange(rank * qs, (rank + 1) * qs),
+                          128 + torch.arange(kv_rank * kvs, (kv_rank + 1) * kvs),
+                          160 + torch.arange(kv_rank * kvs, (kv_rank + 1) * kvs)])
+        assert torch.equal(dense(shard), dense(full)[rows])
+        torch.testing.assert_close(lowbit.matmul(x, shard), y[:, rows])
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_column_parallel_merged_gate_up(tp):
+    gate, up = weight(64, 128, "int4-g32-asym", 1), weight(64, 128, "int4-g32-asym", 2)
+    full = fuse_columns([gate, up])
+    for rank, shard in enumerate(vllm_column_shards([gate, up], tp)):
+        size = 64 // tp
+        rows = torch.cat([torch.arange(rank * size, (rank + 1) * size), 64 + torch.arange(rank * size, (rank + 1) * size)])
+        assert torch.equal(dense(shard), dense(full)[rows])
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("k,scheme", [
+    (512, "int4-g32"),  # shards of whole 128-wide tiles: a slice of words
+    (576, "int4-g16"),  # SmolLM2's hidden size: shards of 288 / 144 columns split tiles, so repacked
+    (576, "int3-g16-asym"), (576, "fp6_e3m2-channel"), (1536, "int8-g64"),
+])
+def test_row_parallel_partial_sums(tp, k, scheme):
+    qw = weight(40, k, scheme)
+    x = torch.randn(3, k)
+    size = k // tp
+    partial = []
+    for rank in range(tp):
+        shard = row_shard(qw, rank, tp)
+        cols = slice(rank * size, (rank + 1) * size)
+        assert torch.equal(dense(shard), dense(qw)[:, cols])
+        partial.append(lowbit.matmul(x[:, cols], shard).float())
+    torch.testing.assert_close(sum(partial), lowbit.matmul(x, qw).float(), atol=1e-3, rtol=1e-3)
+
+
+def test_word_slices_equal_repacking():
+    """On tile boundaries the packed words are sliced; that must equal unpack, slice, repack."""
+    qw = weight(8, 640, "int5-g32")
+    plain = slice_input_codes(qw.packed, 5, 640, 256, 384)
+    repacked = lowbit.pack.pack_codes(qw.codes()[:, 256:], 5)
+    assert all(torch.equal(a, b) for a, b in zip(plain, repacked))
+
+
+def test_row_parallel_rejects_what_lowbit_cannot_split():
+    with pytest.raises(ValueError, match="whole number of 64-column groups"):
+        row_shard(weight(8, 192, "int4-g64"), 0, 2)  # 96 columns per rank
+    qw = weight(8, 256, "int4-g32")
+    with_perm = lowbit.QuantizedWeight(qw.scheme, qw.shape, qw.packed, qw.scales, None, torch.randperm(256), qw.dtype)
+    with pytest.raises(ValueError, match="act-order"):
+        row_shard(with_perm, 0, 2)
+    with pytest.raises(ValueError, match="different permutations"):
+        fuse_columns([with_perm, lowbit.QuantizedWeight(qw.scheme, qw.shape, qw.packed, qw.scales, None,
+                                                        torch.randperm(256), qw.dtype)])
+
+
+# -- real vLLM ---------------------------------------------------------------------------------
+
+def vllm_python():
+    """A Python with vLLM and lowbit installed: $LOWBIT_VLLM_PYTHON, or this one if it has vLLM."""
+    return os.environ.get("LOWBIT_VLLM_PYTHON") or (sys.executable if importlib.util.find_spec("vllm") else None)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(vllm_python() is None, reason="no Python with vLLM (set LOWBIT_VLLM_PYTHON)")
+@pytest.mark.parametrize("model", ["tiny-llama", "smollm2"])
+def test_vllm_generates_like_transformers(model, tmp_path):
+    command = [vllm_python(), str(E2E_SCRIPT), str(tmp_path)] + (["--smollm2"] if model == "smollm2" else [])
+    run = subprocess.run(command, capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    print(model, result["seconds"])
+    assert result["vllm"] == result["hf"]
