@@ -60,6 +60,10 @@ def _check_options(damp, block_size) -> None:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
 
 
+def _describe(t) -> str:
+    return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def _layer_hessian(inputs, hessian, in_features: int, device) -> torch.Tensor:
     """The float32 Hessian ``[in, in]`` on ``device``, from exactly one of ``inputs`` or ``hessian``."""
     if (inputs is None) == (hessian is None):
@@ -68,7 +72,7 @@ def _layer_hessian(inputs, hessian, in_features: int, device) -> torch.Tensor:
     if hessian is not None:
         if not isinstance(hessian, torch.Tensor) or not hessian.is_floating_point():
             raise ValueError(f"hessian must be a floating-point tensor [{in_features}, {in_features}], "
-                             f"got {type(hessian).__name__}" + (f" {hessian.dtype}" if isinstance(hessian, torch.Tensor) else ""))
+                             f"got {_describe(hessian)}")
         if tuple(hessian.shape) != (in_features, in_features):
             raise ValueError(f"hessian must have shape [{in_features}, {in_features}] (in_features x in_features), "
                              f"got {tuple(hessian.shape)}")
@@ -76,8 +80,7 @@ def _layer_hessian(inputs, hessian, in_features: int, device) -> torch.Tensor:
             raise ValueError("hessian has inf or NaN values")
         return hessian.to(device=device, dtype=torch.float32, copy=True)
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
-        raise ValueError(f"inputs must be a floating-point tensor [n, {in_features}], got {type(inputs).__name__}"
-                         + (f" {inputs.dtype}" if isinstance(inputs, torch.Tensor) else ""))
+        raise ValueError(f"inputs must be a floating-point tensor [n, {in_features}], got {_describe(inputs)}")
     if inputs.dim() < 2 or inputs.shape[-1] != in_features or inputs.numel() == 0:
         raise ValueError(f"inputs must have shape [n, {in_features}] (n >= 1 calibration rows of in_features), "
                          f"got {tuple(inputs.shape)}")
@@ -106,7 +109,8 @@ def quantize_gptq(w: torch.Tensor, scheme, inputs: torch.Tensor | None = None, *
                   hessian: torch.Tensor | None = None) -> QuantizedWeight:
     """Quantize ``w [out_features, in_features]`` under ``scheme`` with GPTQ.
 
-    ``inputs``: the layer's calibration activations ``[n, in_features]`` (any float dtype); or
+    ``inputs``: the layer's calibration activations ``[n, in_features]`` (or ``[..., in_features]``,
+    any float dtype); or
     ``hessian``: a precomputed ``[in_features, in_features]`` ``2/n * X^T X`` (see
     :class:`HessianAccumulator`). ``damp`` adds ``damp * mean(diag(H))`` to the diagonal;
     ``block_size`` columns are updated at once between the lazy batch updates. Each group's
@@ -217,9 +221,8 @@ def _to(obj, device):
 
 def _check_calibration(calibration) -> None:
     if not isinstance(calibration, torch.Tensor) or calibration.dtype != torch.int64 or calibration.dim() != 2:
-        raise ValueError("calibration must be a LongTensor [n_seq, seq_len] of token ids, got "
-                         + (f"{calibration.dtype} {tuple(calibration.shape)}" if isinstance(calibration, torch.Tensor)
-                            else type(calibration).__name__))
+        raise ValueError("calibration must be a LongTensor [n_seq, seq_len] of token ids, "
+                         f"got {_describe(calibration)}")
     if calibration.numel() == 0:
         raise ValueError(f"calibration is empty: shape {tuple(calibration.shape)}")
 
