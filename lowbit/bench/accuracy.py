@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import importlib.util
 import json
 import subprocess
@@ -40,9 +41,12 @@ BASELINE = "fp16"
 # 4096 tokens at seq_len 512 / stride 256 is 15 windows per model: the default run (baseline +
 # 8 schemes, RTN) stays well under 15 minutes on 2 CPU cores, and KL is already stable there.
 DEFAULT_EVAL_TOKENS = 4096
-Q4_1_NOTE = ("Note: the model's released weights are themselves Q4_1 (4-bit, group 32, a float16 scale and "
-             "minimum per group), so int4 with group 32 is close to lossless by construction: the table "
-             "shows how schemes differ, not the loss from original 16-bit weights.")
+Q4_1_NOTE = ("Note: the model's released weights are themselves Q4_1 (4-bit, group 32: a float16 scale and a "
+             "float16 minimum per group; the linears have at most 16 distinct values per group of 32), so there "
+             "is no 16-bit original here and the baseline is those 4-bit values. A scheme with Q4_1's exact grid "
+             "would be lossless, but int4-g32-asym is not that grid: its zero point is an integer code, Q4_1's "
+             "minimum any float16, so it re-rounds most weights (see its row). The table "
+             "compares schemes on this model; it is not the loss from 16-bit weights.")
 
 
 def _csv(text: str) -> list[str]:
@@ -153,12 +157,8 @@ def run(args: argparse.Namespace) -> dict:
           f"{len(args.schemes)} scheme(s) x {len(methods)} method(s) on {device}")
     print(Q4_1_NOTE, flush=True)
 
-    calibration_cache = []
-
-    def calibration():
-        if not calibration_cache:
-            calibration_cache.append(data.calibration_tokens(tokenizer, args.calib_seqs, args.calib_len, text))
-        return calibration_cache[0]
+    # GPTQ's calibration sequences, tokenized on first use and shared by every GPTQ row.
+    calibration = functools.cache(lambda: data.calibration_tokens(tokenizer, args.calib_seqs, args.calib_len, text))
 
     t = time.perf_counter()
     base = evaluate(model, tokens, **window, keep_reference=True, desc="baseline")

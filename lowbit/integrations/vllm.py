@@ -27,7 +27,7 @@ from .. import pack as _pack
 from ..qweight import QuantizedWeight
 
 __all__ = ["register", "QUANT_METHOD", "SHARD_DIMS", "column_shard", "row_shard", "fuse_columns",
-           "slice_input_codes", "check_row_parallel"]
+           "slice_input_codes", "check_row_parallel", "row_shards_are_word_slices"]
 
 QUANT_METHOD = "lowbit"
 # (output_dim, input_dim) of each tensor kind as vLLM shards it; None: not split on that dimension.
@@ -56,7 +56,13 @@ def slice_input_codes(packed, bits: int, in_features: int, start: int, size: int
     return _pack.pack_codes(codes.contiguous(), bits)
 
 
-def check_row_parallel(qw_scheme, in_features: int, tp_size: int, act_order: bool, name: str = "layer") -> None:
+def row_shards_are_word_slices(in_features: int, tp_size: int) -> bool:
+    """Whether vLLM's own row-parallel loading (rank r takes the r-th equal slice of packed words)
+    gives each rank its columns: only when a shard is whole 128-wide tiles."""
+    return tp_size == 1 or (in_features // tp_size) % _pack.TILE_K == 0
+
+
+def check_row_parallel(scheme, in_features: int, tp_size: int, act_order: bool, name: str = "layer") -> None:
     """Raise ValueError where lowbit cannot split the input dimension ``tp_size`` ways."""
     if in_features % tp_size:
         raise ValueError(f"{name}: in_features {in_features} is not divisible by tensor-parallel size {tp_size}")
@@ -64,13 +70,14 @@ def check_row_parallel(qw_scheme, in_features: int, tp_size: int, act_order: boo
         raise ValueError(f"{name}: act-order (perm) weights cannot be split along the input dimension "
                          "(each shard's columns would not form whole groups); use tensor_parallel_size=1")
     shard = in_features // tp_size
-    if not qw_scheme.per_channel and shard % qw_scheme.group_size:
+    if not scheme.per_channel and shard % scheme.group_size:
         raise ValueError(f"{name}: the input shard of {shard} columns is not a whole number of "
-                         f"{qw_scheme.group_size}-column groups")
+                         f"{scheme.group_size}-column groups")
 
 
 def column_shard(qw: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
     """Output rows ``[start, start+size)`` of ``qw`` (column parallelism)."""
+
     def rows(t, kind):
         return None if t is None else t.narrow(SHARD_DIMS[kind][0], start, size)
 
@@ -80,11 +87,18 @@ def column_shard(qw: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
 
 def row_shard(qw: QuantizedWeight, rank: int, tp_size: int) -> QuantizedWeight:
     """Rank ``rank``'s share of the input columns of ``qw`` (row parallelism): its matmul with the
-    rank's slice of x is the rank's partial sum of ``x @ W.T``."""
+    rank's slice of x is the rank's partial sum of ``x @ W.T``. Packed words are split as vLLM's
+    loader splits them where that is right, else repacked as the plugin does after loading."""
     check_row_parallel(qw.scheme, qw.in_features, tp_size, qw.perm is not None)
     size = qw.in_features // tp_size
     start = rank * size
-    packed = slice_input_codes(qw.packed, qw.scheme.bits, qw.in_features, start, size)
+    if row_shards_are_word_slices(qw.in_features, tp_size):
+        in_dim = SHARD_DIMS["packed"][1]
+        packed = tuple(p.narrow(in_dim, rank * (p.shape[in_dim] // tp_size), p.shape[in_dim] // tp_size)
+                       for p in qw.packed)
+    else:
+        packed = slice_input_codes(qw.packed, qw.scheme.bits, qw.in_features, start, size)
+
     def groups(t, kind):
         if t is None or qw.scheme.per_channel:  # one group spans every rank's columns
             return t
@@ -103,6 +117,7 @@ def fuse_columns(parts: list[QuantizedWeight]) -> QuantizedWeight:
             raise ValueError(f"cannot fuse {p} with {first}: scheme, in_features and dtype must match")
         if (p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm)):
             raise ValueError("cannot fuse act-order weights with different permutations")
+
     def cat(ts, kind):
         return None if ts[0] is None else torch.cat(ts, SHARD_DIMS[kind][0])
 
@@ -150,13 +165,12 @@ def _vllm_classes():
                            output_size, params_dtype, **extra_weight_attrs):
             weight_loader = extra_weight_attrs["weight_loader"]
             n, k = sum(output_partition_sizes), input_size_per_partition
-            start = 0
-            if k != input_size:  # row parallel
-                check_row_parallel(self.scheme, input_size, input_size // k, self.act_order, self.prefix)
-                start = layer.tp_rank * k
-            # A shard that splits a tile is loaded whole and cut to the rank's columns after loading.
-            repack = not input_slice_is_plain(input_size, start, k)
-            layer.lowbit_loaded_input = (input_size, start) if repack else (k, 0)
+            tp_size = input_size // k  # > 1: row parallel
+            if tp_size > 1:
+                check_row_parallel(self.scheme, input_size, tp_size, self.act_order, self.prefix)
+            # A shard that is not whole tiles is loaded whole and cut to the rank's columns after loading.
+            repack = not row_shards_are_word_slices(input_size, tp_size)
+            layer.lowbit_loaded_input = (input_size, layer.tp_rank * k) if repack else (k, 0)  # (columns, offset)
             layer.lowbit_in_features = k
             for name, s in zip(self.packed_names, _pack.SEGMENTS[self.scheme.bits]):
                 data = torch.empty(_pack.segment_shape(n, input_size if repack else k, s), dtype=_pack.segment_dtype(s))

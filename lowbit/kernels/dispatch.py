@@ -114,7 +114,7 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
     lowbit_matmul_kernel[(grid_mn, split)](
         x, *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, bias if bias is not None else out,
         out, partial, counters, m, n, k, x.stride(0), out.stride(0), *strides, per_split, qw.num_groups, split,
-        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
+        HAS_BIAS=bias is not None, EVEN_K=k % _pack.TILE_K == 0, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_scheme_constants(qw, x.dtype),
         **_fast_path_constants(qw, x.dtype, x.device))
     return out
@@ -144,24 +144,19 @@ def _num_sms(device: torch.device) -> int:
 def heuristic_config(m: int, n: int, k: int, bits: int, sms: int) -> KernelConfig:
     """A reasonable config from first principles (used where no tuned entry exists).
 
-    Small batches: weights as the wide operand (swap A/B), 64-row tiles, split-K until the grid
-    covers the SMs about twice. Large batches: token tiles of 64/128, dequantize + cuBLAS past 512.
+    Up to 128 tokens: weights as the wide operand (swap A/B), 64-row tiles, 2 warps (so Triton
+    emits mma.sync: its wgmma path waits for every 16-deep product of the plane loop), split-K until
+    the grid covers the SMs about twice. Past 128 tokens: dequantize once and call cuBLAS.
     """
+    if m > 128:
+        return KernelConfig(path="dequant")
     k_tiles = triton.cdiv(k, _pack.TILE_K)
-    if m <= 64:
-        block_m = max(16, triton.next_power_of_2(m))
-        block_n = 64
-        swap = True
-    else:
-        if m > 512:
-            return KernelConfig(path="dequant")
-        block_m, block_n, swap = (64 if m <= 128 else 128), 128, False
-    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    block_m = max(16, triton.next_power_of_2(min(m, 64)))
+    tiles = triton.cdiv(n, 64) * triton.cdiv(m, block_m)
     split = 1
     while tiles * split < 2 * sms and split * 2 <= min(16, max(1, k_tiles // 2)):
         split *= 2
-    return KernelConfig(block_n=block_n, block_m=block_m, split_k=split, swap_ab=swap,
-                        num_warps=4 if swap else 8, num_stages=4 if swap else 3)
+    return KernelConfig(block_n=64, block_m=block_m, split_k=split, swap_ab=True, num_warps=2, num_stages=4)
 
 
 def _gpu_slug(device: torch.device) -> str:
@@ -210,7 +205,7 @@ def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, forc
     x = x.contiguous()
     cfg = config or choose_config(x.shape[0], qw, x.device)
     if cfg.path == "dequant" and force_triton:  # the fused kernel at its largest tiles
-        cfg = heuristic_config(512, qw.out_features, qw.in_features, qw.scheme.bits, _num_sms(x.device))
+        cfg = heuristic_config(128, qw.out_features, qw.in_features, qw.scheme.bits, _num_sms(x.device))
     if cfg.path == "dequant":
         w = dequantize(qw, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -119,7 +119,7 @@ def lowbit_matmul_kernel(
     IS_FLOAT: tl.constexpr, MAN_BITS: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
     SYMMETRIC: tl.constexpr, OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MX: tl.constexpr,
     HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, ASM4: tl.constexpr, ASM8: tl.constexpr,
-    SCALE_IN_COMPUTE: tl.constexpr,
+    SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     TILE_K: tl.constexpr = 128
@@ -203,12 +203,18 @@ def lowbit_matmul_kernel(
                         w = (w.to(tl.float32) * s_tile[:, None]).to(COMPUTE)
             rk = k0 + rp
             if SWAP_AB:
-                xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None], mask=m_mask[None, :] & (rk[:, None] < K),
-                             other=0.0)
+                if EVEN_K:  # no mask along k: the loads stay vectorized and the pipeliner makes them async
+                    xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None], mask=m_mask[None, :], other=0.0)
+                else:
+                    xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None],
+                                 mask=m_mask[None, :] & (rk[:, None] < K), other=0.0)
                 part = tl.dot(w, xt.to(COMPUTE), part)
             else:
-                xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K),
-                             other=0.0)
+                if EVEN_K:
+                    xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None], other=0.0)
+                else:
+                    xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
+                                 mask=m_mask[:, None] & (rk[None, :] < K), other=0.0)
                 part = tl.dot(xs.to(COMPUTE), tl.trans(w), part)
         if TILE_SCALE:
             if SWAP_AB:

@@ -46,7 +46,7 @@ def _neighbours(cfg: KernelConfig, m: int, k_tiles: int):
     for bn in (cfg.block_n // 2, cfg.block_n * 2):
         if 32 <= bn <= 256:
             yield variant(block_n=bn)
-    for w in (4, 8):
+    for w in (2, 4, 8):  # 2 warps (or 32-row tiles) give mma.sync, which Triton does not serialize
         if w != cfg.num_warps:
             yield variant(num_warps=w)
     if not cfg.swap_ab:
@@ -65,7 +65,7 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
     best = dispatch.heuristic_config(m, qw.out_features, qw.in_features, qw.scheme.bits,
                                      torch.cuda.get_device_properties(device).multi_processor_count)
     if best.path == "dequant":
-        best = dispatch.heuristic_config(512, qw.out_features, qw.in_features, qw.scheme.bits,
+        best = dispatch.heuristic_config(128, qw.out_features, qw.in_features, qw.scheme.bits,
                                          torch.cuda.get_device_properties(device).multi_processor_count)
     seen = {best: _time(qws, x, best, replays)}
     if m > 16:  # the other orientation is a candidate too
