@@ -56,6 +56,8 @@ def cmd_quantize(args) -> int:
 
     if args.act_order and args.method != "gptq":
         raise ValueError("--act-order needs --method gptq")
+    if Path(args.src).is_dir() and data.is_lowbit_checkpoint(Path(args.src)):
+        raise ValueError(f"{args.src} is already a lowbit checkpoint; quantize its unquantized source instead")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
         # checked again by save_quantized; here so that no time is spent quantizing first
         raise FileExistsError(f"{args.out} exists and is not empty; pass --overwrite to replace it")
@@ -196,6 +198,7 @@ def _forwarded_module(argv: list[str]) -> tuple[str, list[str]] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import data
     from .bench import accuracy
 
     p = argparse.ArgumentParser(prog="lowbit", description="Low-bit LLM weights: quantize, evaluate, inspect.")
@@ -212,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation energy")
     q.add_argument("--exclude", nargs="+", action="extend", default=["lm_head"], metavar="NAME",
                    help="linears to leave unquantized, in addition to lm_head (a name, its last part or a prefix)")
-    q.add_argument("--calib-seqs", type=_positive_int, default=32, help="GPTQ calibration sequences (default: 32)")
-    q.add_argument("--calib-len", type=_positive_int, default=512, help="their length in tokens (default: 512)")
+    q.add_argument("--calib-seqs", type=_positive_int, default=data.CALIBRATION_SEQS,
+                   help=f"GPTQ calibration sequences, from the embedded text (default: {data.CALIBRATION_SEQS})")
+    q.add_argument("--calib-len", type=_positive_int, default=data.CALIBRATION_LEN,
+                   help=f"their length in tokens (default: {data.CALIBRATION_LEN})")
     q.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
                    help="cast the model before quantizing; fixes the stored scales' and other tensors' dtype "
                         "(auto: as stored; GGUF files load as float32)")

@@ -97,6 +97,9 @@ def test_quantize_eval_info(source, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tokens evaluated: 299" in out and "mean KL" in out and "0.00000 nats" not in out
 
+    assert main(["quantize", str(out_dir), "--scheme", "int4-g32", "--out", str(tmp_path / "again")]) == 2
+    assert "already a lowbit checkpoint" in _one_line_error(capsys)
+
     assert main(["info", str(out_dir)]) == 0
     out = capsys.readouterr().out
     assert "int4-g32 (12 layers)" in out  # 2 layers x (q, k, v, o, gate, up); down_proj excluded
