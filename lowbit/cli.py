@@ -23,6 +23,7 @@ FORWARDED = {("bench", "layers"): "lowbit.bench.layers", ("bench", "e2e"): "lowb
 SCHEME_FORMS = ("FORMAT-gG or FORMAT-channel, optionally -asym (integers), -mx, -2:4; FORMAT is int2..int8, fpN_eEmM, "
                 "fp6, fp5, fp4 or fp8: e.g. int4-g128, int4-g32-asym, int8-channel, fp6_e3m2-channel")
 LOWBIT_DIR = Path(__file__).resolve().parent
+DTYPES = ["auto", "float16", "bfloat16", "float32"]
 
 
 def _scheme(text: str) -> Scheme:
@@ -91,7 +92,8 @@ def cmd_eval(args) -> int:
     from .eval import evaluate
 
     text = data.load_text(args.text)  # before the (slow) model load: a bad path fails at once
-    model, tokenizer = data.load_model(args.model, device=args.device)
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tokenizer = data.load_model(args.model, dtype=dtype, device=args.device)
     if args.tokenizer:
         tokenizer = data.load_tokenizer(args.tokenizer)
     if tokenizer is None:
@@ -102,7 +104,7 @@ def cmd_eval(args) -> int:
     else:
         tokens = data.eval_tokens(tokenizer, text, max_tokens=args.max_tokens)
         source = f"{data.default_text_path()} (held-out part)"
-    reference = data.load_model(args.ref, device=args.device)[0] if args.ref else None
+    reference = data.load_model(args.ref, dtype=dtype, device=args.device)[0] if args.ref else None
     result = evaluate(model, tokens, args.seq_len, args.stride, args.batch_size, reference=reference)
     print(f"text: {source}; seq_len {args.seq_len}, stride {args.stride}")
     print(f"tokens evaluated: {result.tokens_evaluated}")
@@ -219,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"GPTQ calibration sequences, from the embedded text (default: {data.CALIBRATION_SEQS})")
     q.add_argument("--calib-len", type=_positive_int, default=data.CALIBRATION_LEN,
                    help=f"their length in tokens (default: {data.CALIBRATION_LEN})")
-    q.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+    q.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="cast the model before quantizing; fixes the stored scales' and other tensors' dtype "
                         "(auto: as stored; GGUF files load as float32)")
     q.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or auto (GPTQ is much faster on a GPU)")
@@ -238,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=_positive_int, default=256)
     e.add_argument("--max-tokens", type=_positive_int, help="evaluate only the first N tokens")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass")
+    e.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="dtype of the unquantized tensors (embeddings, norms; all of an unquantized model): auto "
+                        "keeps them as stored; float32 is faster and exact on CPU")
     e.add_argument("--tokenizer", metavar="SRC", help="where to read the tokenizer if DIR_OR_SRC has none")
     e.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or auto")
     e.set_defaults(handler=cmd_eval)

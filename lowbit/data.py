@@ -34,7 +34,7 @@ CALIBRATION_LEN = 512
 
 def _require(module: str, package: str) -> None:
     if importlib.util.find_spec(module) is None:
-        raise FileNotFoundError(f"{package} is not installed (needed to load GGUF models): pip install {package}")
+        raise FileNotFoundError(f"{package} is not installed: pip install {package}")
 
 
 def default_model_file() -> Path:
@@ -101,7 +101,8 @@ def load_model(src: str | os.PathLike, dtype: torch.dtype | str = "auto", device
     """``(model, tokenizer)`` from ``src``: ``"default"`` (the embedded model), a ``.gguf`` file, a lowbit
     checkpoint directory (config.json with ``quantization_config.quant_method == "lowbit"``) or a
     Hugging Face model directory. ``tokenizer`` is None where ``src`` holds none (a checkpoint
-    saved without one). ``dtype`` applies to unquantized sources ("auto": as stored; GGUF: float32)."""
+    saved without one). ``dtype``: "auto" (as stored; GGUF: float32) or a torch dtype for the
+    model's unquantized tensors (a lowbit checkpoint's quantized layers keep theirs)."""
     if str(src) == "default":
         model, tokenizer = load_default_model(torch.float32 if dtype == "auto" else dtype)
         return model.to(device), tokenizer
@@ -124,7 +125,7 @@ def load_model(src: str | os.PathLike, dtype: torch.dtype | str = "auto", device
     if is_lowbit_checkpoint(path):
         from .io.checkpoint import load_quantized
 
-        return load_quantized(path, device=device), tokenizer
+        return load_quantized(path, device=device, dtype=None if dtype == "auto" else dtype), tokenizer
     _require("transformers", "transformers")
     os.environ["HF_HUB_OFFLINE"] = "1"
     from transformers import AutoModelForCausalLM

@@ -96,6 +96,9 @@ def test_quantize_eval_info(source, tmp_path, capsys):
                  "--stride", "64"]) == 0
     out = capsys.readouterr().out
     assert "tokens evaluated: 299" in out and "mean KL" in out and "0.00000 nats" not in out
+    assert main(["eval", str(out_dir), "--dtype", "bfloat16", "--max-tokens", "200", "--seq-len", "128",
+                 "--stride", "64"]) == 0
+    assert "tokens evaluated: 199" in capsys.readouterr().out
 
     assert main(["quantize", str(out_dir), "--scheme", "int4-g32", "--out", str(tmp_path / "again")]) == 2
     assert "already a lowbit checkpoint" in _one_line_error(capsys)
