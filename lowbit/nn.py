@@ -36,8 +36,8 @@ class QuantLinear(nn.Module):
         self._packed_names = []
         for i, s in enumerate(_pack.SEGMENTS[self.scheme.bits]):
             name = f"packed_{i}"
-            self.register_buffer(name, torch.zeros(_pack.segment_shape(self.out_features, self.in_features, s),
-                                                   dtype=_pack.segment_dtype(s),
+            self.register_buffer(name, torch.zeros(_pack.segment_shape(self.out_features, self.in_features, self.scheme.bits),
+                                                   dtype=_pack.segment_dtype(self.scheme.bits, s),
                                                    device=device))
             self._packed_names.append(name)
         self.register_buffer("scales", torch.ones(groups, self.out_features, device=device,

@@ -74,9 +74,10 @@ class QuantizedWeight:
         if len(self.packed) != len(segs):
             raise ValueError(f"packed: {self.scheme} needs {len(segs)} segment tensor(s), got {len(self.packed)}")
         for i, (s, t) in enumerate(zip(segs, self.packed)):
-            want = _pack.segment_shape(n, k, s)
-            if tuple(t.shape) != want or t.dtype != _pack.segment_dtype(s):
-                raise ValueError(f"packed[{i}] ({s}-bit segment): expected {_pack.segment_dtype(s)} {want}, "
+            want = _pack.segment_shape(n, k, self.scheme.bits)
+            if tuple(t.shape) != want or t.dtype != _pack.segment_dtype(self.scheme.bits, s):
+                raise ValueError(f"packed[{i}] ({s}-bit segment): expected "
+                                 f"{_pack.segment_dtype(self.scheme.bits, s)} {want}, "
                                  f"got {t.dtype} {tuple(t.shape)}")
         want = (self.num_groups, n)
         if tuple(self.scales.shape) != want or self.scales.dtype != self.expected_scale_dtype():

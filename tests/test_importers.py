@@ -257,6 +257,20 @@ def test_compressed_tensors_unsupported_variants_are_named(change, message):
         convert_tensors(config, tensors)
 
 
+def test_compressed_tensors_float_zero_points_are_rejected():
+    config, tensors = ct_checkpoint(4, "group", False)
+    tensors["layer.weight_zero_point"] = torch.zeros(N, K // 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="integer zero points"):
+        convert_tensors(config, tensors)
+
+
+def test_missing_tensor_is_named():
+    config, tensors = gptq_checkpoint(4, 32, False)
+    del tensors["layer.qzeros"]
+    with pytest.raises(ValueError, match="missing tensor.*layer.qzeros"):
+        convert_tensors(config, tensors)
+
+
 # -- detection ---------------------------------------------------------------------------------
 
 def test_detect_format():

@@ -177,7 +177,7 @@ def _gptq_layers(qc: dict, tensors: dict[str, torch.Tensor]) -> dict[str, IntWei
     group_size = _int_field(qc, "group_size", default=-1)
     layers = {}
     for name in _prefixes(tensors, "qweight"):
-        qweight, qzeros, scales = (tensors.pop(f"{name}.{t}") for t in ("qweight", "qzeros", "scales"))
+        qweight, qzeros, scales = _take(tensors, name, ("qweight", "qzeros", "scales"), "GPTQ")
         g_idx = tensors.pop(f"{name}.g_idx", None)
         codes = unpack_int32(qweight, bits, dim=0)  # [K, N]
         n = codes.shape[1]
@@ -200,7 +200,7 @@ def _awq_layers(qc: dict, tensors: dict[str, torch.Tensor]) -> dict[str, IntWeig
     group_size = _int_field(qc, "group_size", "q_group_size", default=-1)
     layers = {}
     for name in _prefixes(tensors, "qweight"):
-        qweight, qzeros, scales = (tensors.pop(f"{name}.{t}") for t in ("qweight", "qzeros", "scales"))
+        qweight, qzeros, scales = _take(tensors, name, ("qweight", "qzeros", "scales"), "AWQ")
         layers[name] = IntWeight(bits, group_size, _awq_unpack(qweight).T, scales.T, _awq_unpack(qzeros).T, None)
     return layers
 
@@ -237,14 +237,16 @@ def _compressed_tensors_layers(qc: dict, tensors: dict[str, torch.Tensor]) -> di
         if strategy not in ("group", "channel"):
             raise ValueError(f"compressed-tensors strategy {strategy!r} is not supported (only 'group', 'channel')")
         bits = int(args["num_bits"])
-        n, k = (int(d) for d in tensors.pop(f"{name}.weight_shape"))
-        codes = unpack_int32(tensors.pop(f"{name}.weight_packed"), bits, dim=1)[:, :k]
-        scales = tensors.pop(f"{name}.weight_scale")
+        shape, packed, scales = _take(tensors, name, ("weight_shape", "weight_packed", "weight_scale"),
+                                      "compressed-tensors")
+        n, k = (int(d) for d in shape)
+        codes = unpack_int32(packed, bits, dim=1)[:, :k]
         zero_point = tensors.pop(f"{name}.weight_zero_point", None)
         zeros = None
         if not args.get("symmetric", True):
             if zero_point is None or zero_point.dtype != torch.int32:
-                raise ValueError(f"compressed-tensors {name}: asymmetric weights need a packed int32 weight_zero_point")
+                raise ValueError(f"compressed-tensors layer {name}: asymmetric weights need integer zero points "
+                                 f"packed in int32, got {None if zero_point is None else zero_point.dtype}")
             zeros = unpack_int32(zero_point, bits, dim=0)[:n]  # stored as z + 2^(b-1), like the codes
         group_size = int(args["group_size"]) if strategy == "group" else -1
         layers[name] = IntWeight(bits, group_size, codes, scales, zeros, tensors.pop(f"{name}.weight_g_idx", None))
@@ -252,6 +254,13 @@ def _compressed_tensors_layers(qc: dict, tensors: dict[str, torch.Tensor]) -> di
 
 
 _LAYER_READERS = {"gptq": _gptq_layers, "awq": _awq_layers, "compressed-tensors": _compressed_tensors_layers}
+
+
+def _take(tensors: dict, name: str, suffixes: tuple[str, ...], variant: str) -> list[torch.Tensor]:
+    missing = [f"{name}.{s}" for s in suffixes if f"{name}.{s}" not in tensors]
+    if missing:
+        raise ValueError(f"{variant} layer {name}: missing tensor(s) {missing}")
+    return [tensors.pop(f"{name}.{s}") for s in suffixes]
 
 
 def _prefixes(tensors: dict, suffix: str) -> list[str]:
@@ -298,7 +307,8 @@ def load_tensors(src_dir) -> dict[str, torch.Tensor]:
 def load_foreign(src_dir, **from_pretrained_kwargs):
     """A transformers model with :class:`lowbit.QuantLinear` layers from a GPTQ, AWQ or
     compressed-tensors checkpoint directory (needs transformers)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from ..integrations.transformers import LowbitConfig, register
 
@@ -309,7 +319,7 @@ def load_foreign(src_dir, **from_pretrained_kwargs):
     hf_config = AutoConfig.from_pretrained(src_dir)
     hf_config.quantization_config = LowbitConfig(scheme=schemes.most_common(1)[0][0], modules=modules,
                                                  modules_to_not_convert=[]).to_dict()
-    model_class = AutoModelForCausalLM._model_mapping[type(hf_config)]
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
     return model_class.from_pretrained(None, config=hf_config, state_dict=state_dict, **from_pretrained_kwargs)
 
 

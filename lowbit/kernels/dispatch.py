@@ -62,7 +62,8 @@ def _scheme_constants(qw: QuantizedWeight, compute: torch.dtype) -> dict:
         float_factor, man_bits, offset = float(2.0 ** (15 - fmt.bias)), fmt.man_bits, 0
     else:
         float_factor, man_bits, offset = 1.0, 0, fmt.offset
-    return dict(BITS=fmt.bits, SEG0=segs[0], SEG1=segs[1], SEG2=segs[2], IS_FLOAT=fmt.is_float, MAN_BITS=man_bits,
+    return dict(BITS=fmt.bits, SEG0=segs[0], SEG1=segs[1], SEG2=segs[2], PD=_pack.plane_depth(fmt.bits),
+                IS_FLOAT=fmt.is_float, MAN_BITS=man_bits,
                 FLOAT_FACTOR=float_factor, SYMMETRIC=qw.scheme.symmetric, OFFSET=offset,
                 GROUP_SIZE=qw.scheme.group_size, SCALE_MX=qw.scheme.mx, COMPUTE=_TL_DTYPES[compute])
 

@@ -53,23 +53,19 @@ def _decode(code, zero, COMPUTE: tl.constexpr, IS_FLOAT: tl.constexpr, BITS: tl.
 
 
 def int4_planes_asm(compute_is_fp16: bool, symmetric_zero: int | None) -> str:
-    """PTX turning one int32 word of 4-bit codes into its 8 planes, two values per instruction
-    (MARLIN's trick): nibbles j and j+4 are OR-ed into the mantissas of a half2 whose ulp is 1
-    (fp16 1024.0, bf16 128.0), then one packed subtraction removes that float and, for symmetric
-    schemes, the zero point. Outputs ``$0..$7`` = planes 0..7; input ``$8`` = the word."""
-    magic = 0x6400 if compute_is_fp16 else 0x4300
-    base = 1024 if compute_is_fp16 else 128
-    sub_value = base + (symmetric_zero or 0)
-    sub_bits = _half_bits(sub_value, compute_is_fp16)
+    """PTX turning 4 bytes of 4-bit codes (low nibble: plane 0, high nibble: plane 1) into 8 values
+    in fp16/bf16 with 11 instructions: the nibbles are masked, byte-permuted into the mantissas of
+    half2 values whose ulp is 1 (fp16 1024.0, bf16 128.0), and one packed subtraction removes that
+    float and, for symmetric schemes, the zero point (MARLIN's trick on this layout).
+    Outputs ``$0,$1`` = plane 0, ``$2,$3`` = plane 1 (two values each); input ``$4`` = the 4 bytes."""
+    magic = 0x64 if compute_is_fp16 else 0x43
+    sub_bits = _half_bits((1024 if compute_is_fp16 else 128) + (symmetric_zero or 0), compute_is_fp16)
     op = "sub.f16x2" if compute_is_fp16 else "sub.bf16x2"
-    lines = [".reg .b32 t0, t1, t2, t3, s, c;", f"mov.b32 c, 0x{sub_bits:04x}{sub_bits:04x};"]
-    for i in range(4):
-        src = "$8" if i == 0 else "s"
-        if i:
-            lines.append(f"shr.u32 s, $8, {4 * i};")
-        lines.append(f"lop3.b32 t{i}, {src}, 0x000F000F, 0x{magic:04x}{magic:04x}, 0xEA;")
-    lines += [f"{op} t{i}, t{i}, c;" for i in range(4)]
-    lines += [f"mov.b32 {{${i}, ${i + 4}}}, t{i};" for i in range(4)]
+    lines = [".reg .b32 lo, hi, c;", f"mov.b32 c, 0x{sub_bits:04x}{sub_bits:04x};",
+             "and.b32 lo, $4, 0x0F0F0F0F;", "shr.u32 hi, $4, 4;", "and.b32 hi, hi, 0x0F0F0F0F;"]
+    for out, (src, sel) in enumerate([("lo", "0x5140"), ("lo", "0x7362"), ("hi", "0x5140"), ("hi", "0x7362")]):
+        lines.append(f"prmt.b32 ${out}, {src}, 0x{magic:02x}{magic:02x}{magic:02x}{magic:02x}, {sel};")
+    lines += [f"{op} ${i}, ${i}, c;" for i in range(4)]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
@@ -93,21 +89,22 @@ def _half_bits(value: int, fp16: bool) -> int:
 
 
 @triton.jit
-def _scale_values(scales_ptr, zeros_ptr, g, n_groups, rn, n_mask, N, SYMMETRIC: tl.constexpr, SCALE_MX: tl.constexpr,
-                  OFFSET: tl.constexpr, FLOAT_FACTOR: tl.constexpr):
-    """float32 scales (times the float decode factor) and integer zero points of group ``g`` for rows ``rn``.
-    Groups past the last one (K padding, whose x is zero) read the last group."""
+def _scale_values(scales_ptr, zeros_ptr, g, n_groups, rows, row_mask, N, SYMMETRIC: tl.constexpr,
+                  SCALE_MX: tl.constexpr, OFFSET: tl.constexpr, FLOAT_FACTOR: tl.constexpr):
+    """float32 scales (times the float decode factor) and integer zero points of group(s) ``g`` for
+    ``rows`` (a ``[BLOCK_N, 1]`` column): ``[BLOCK_N, 1]`` for one group, ``[BLOCK_N, D]`` for a
+    ``[1, D]`` row of groups. Groups past the last one (K padding, whose x is zero) read the last."""
     g = tl.minimum(g, n_groups - 1)
     if SCALE_MX:
-        e = tl.load(scales_ptr + g * N + rn, mask=n_mask, other=127).to(tl.int32)
+        e = tl.load(scales_ptr + g * N + rows, mask=row_mask, other=127).to(tl.int32)
         s = (e << 23).to(tl.float32, bitcast=True)
     else:
-        s = tl.load(scales_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+        s = tl.load(scales_ptr + g * N + rows, mask=row_mask, other=0.0).to(tl.float32)
     s = s * FLOAT_FACTOR
     if SYMMETRIC:
-        z = tl.full(rn.shape, OFFSET, tl.int32)
+        z = tl.full(s.shape, OFFSET, tl.int32)
     else:
-        z = tl.load(zeros_ptr + g * N + rn, mask=n_mask, other=0).to(tl.int32)
+        z = tl.load(zeros_ptr + g * N + rows, mask=row_mask, other=0).to(tl.int32)
     return s, z
 
 
@@ -115,7 +112,7 @@ def _scale_values(scales_ptr, zeros_ptr, g, n_groups, rn, n_mask, N, SYMMETRIC: 
 def lowbit_matmul_kernel(
     x_ptr, seg0_ptr, seg1_ptr, seg2_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
     M, N, K, stride_xm, stride_om, stride_w0, stride_w1, stride_w2, k_tiles_per_split, n_groups, split_k,
-    BITS: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr,
+    BITS: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr, PD: tl.constexpr,
     IS_FLOAT: tl.constexpr, MAN_BITS: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
     SYMMETRIC: tl.constexpr, OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MX: tl.constexpr,
     HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, ASM4: tl.constexpr, ASM8: tl.constexpr,
@@ -123,7 +120,6 @@ def lowbit_matmul_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     TILE_K: tl.constexpr = 128
-    PD: tl.constexpr = 128 if SEG0 == 8 else 16  # plane depth: k per plane
     NP: tl.constexpr = TILE_K // PD  # planes per tile
     PER_CHANNEL: tl.constexpr = GROUP_SIZE == -1
     TILE_SCALE: tl.constexpr = GROUP_SIZE >= TILE_K
@@ -150,8 +146,8 @@ def lowbit_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     if PER_CHANNEL:
-        s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, 0, n_groups, rn, n_mask, N, SYMMETRIC, SCALE_MX, OFFSET,
-                                       FLOAT_FACTOR)
+        s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, 0, n_groups, rn[:, None], n_mask[:, None], N, SYMMETRIC,
+                                       SCALE_MX, OFFSET, FLOAT_FACTOR)
 
     for t in range(t_start, t_end):
         w0 = tl.load(seg0_ptr + rn[:, None] * stride_w0 + t * PD + rp[None, :], mask=n_mask[:, None], other=0,
@@ -165,42 +161,44 @@ def lowbit_matmul_kernel(
             w2 = tl.load(seg2_ptr + rn[:, None] * stride_w2 + t * PD + rp[None, :], mask=n_mask[:, None], other=0,
                          eviction_policy="evict_first")
         if TILE_SCALE:  # one group per row for the whole tile: scale the tile's partial product instead
-            s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, (t * TILE_K) // GROUP_SIZE, n_groups, rn, n_mask,
-                                           N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
+            s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, (t * TILE_K) // GROUP_SIZE, n_groups, rn[:, None],
+                                           n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
             part = tl.zeros(acc.shape, dtype=tl.float32)
         else:
             part = acc
         if ASM4 != "":  # (dtype tuples must hold plain dtypes, not the COMPUTE constexpr)
             if COMPUTE == tl.float16:
-                planes = tl.inline_asm_elementwise(ASM4, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w0], dtype=(
-                    tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
-                    is_pure=True, pack=1)
+                planes = tl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [w0], dtype=(tl.float16, tl.float16),
+                                                   is_pure=True, pack=4)
             else:
-                planes = tl.inline_asm_elementwise(ASM4, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w0], dtype=(
-                    tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                    tl.bfloat16), is_pure=True, pack=1)
+                planes = tl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [w0], dtype=(tl.bfloat16, tl.bfloat16),
+                                                   is_pure=True, pack=4)
         for j in tl.static_range(NP):
             k0 = t * TILE_K + j * PD
             if not PER_CHANNEL:
                 if not TILE_SCALE:
-                    s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, k0 // GROUP_SIZE, n_groups, rn, n_mask, N,
+                    if GROUP_SIZE >= PD:  # one group per plane
+                        g = k0 // GROUP_SIZE
+                    else:  # several groups in a plane: per-element scales
+                        g = ((k0 + rp) // GROUP_SIZE)[None, :]
+                    s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, g, n_groups, rn[:, None], n_mask[:, None], N,
                                                    SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
             if ASM4 != "":
                 w = planes[j]
             elif ASM8 != "":
                 w = tl.inline_asm_elementwise(ASM8, "=r,=r,r", [w0], dtype=tl.float16, is_pure=True, pack=4)
             else:
-                w = _decode(_extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2), z_tile[:, None], COMPUTE, IS_FLOAT,
+                w = _decode(_extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2), z_tile, COMPUTE, IS_FLOAT,
                             BITS, MAN_BITS)
             if ASM4 != "" or ASM8 != "":
                 if not SYMMETRIC:  # the asm left ``code``; the zero point varies per row
-                    w = w - z_tile.to(COMPUTE)[:, None]
+                    w = w - z_tile.to(COMPUTE)
             if not PER_CHANNEL:
                 if not TILE_SCALE:
                     if SCALE_IN_COMPUTE:
-                        w = w * s_tile.to(COMPUTE)[:, None]
+                        w = w * s_tile.to(COMPUTE)
                     else:
-                        w = (w.to(tl.float32) * s_tile[:, None]).to(COMPUTE)
+                        w = (w.to(tl.float32) * s_tile).to(COMPUTE)
             rk = k0 + rp
             if SWAP_AB:
                 if EVEN_K:  # no mask along k: the loads stay vectorized and the pipeliner makes them async
@@ -218,17 +216,17 @@ def lowbit_matmul_kernel(
                 part = tl.dot(xs.to(COMPUTE), tl.trans(w), part)
         if TILE_SCALE:
             if SWAP_AB:
-                acc += part * s_tile[:, None]
+                acc += part * s_tile
             else:
-                acc += part * s_tile[None, :]
+                acc += part * tl.trans(s_tile)
         else:
             acc = part
 
     if PER_CHANNEL:
         if SWAP_AB:
-            acc = acc * s_tile[:, None]
+            acc = acc * s_tile
         else:
-            acc = acc * s_tile[None, :]
+            acc = acc * tl.trans(s_tile)
 
     # Offsets of the output tile, in the accumulator's orientation.
     if SWAP_AB:
@@ -269,14 +267,13 @@ def _store_output(acc, bias_ptr, out_ptr, o_off, o_mask, rn, n_mask, HAS_BIAS: t
 @triton.jit
 def lowbit_dequant_kernel(
     seg0_ptr, seg1_ptr, seg2_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, stride_w0, stride_w1, stride_w2, n_groups,
-    BITS: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr,
+    BITS: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr, PD: tl.constexpr,
     IS_FLOAT: tl.constexpr, MAN_BITS: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
     SYMMETRIC: tl.constexpr, OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MX: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """``out[N, K]`` = the weight in ``COMPUTE`` dtype (as ``QuantizedWeight.dequantize(COMPUTE)``)."""
     TILE_K: tl.constexpr = 128
-    PD: tl.constexpr = 128 if SEG0 == 8 else 16
     NP: tl.constexpr = TILE_K // PD
     t = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -291,9 +288,15 @@ def lowbit_dequant_kernel(
         w2 = tl.load(seg2_ptr + rn[:, None] * stride_w2 + t * PD + rp[None, :], mask=n_mask[:, None], other=0)
     for j in tl.static_range(NP):
         k0 = t * TILE_K + j * PD
-        g = 0 if GROUP_SIZE == -1 else k0 // GROUP_SIZE
-        s, z = _scale_values(scales_ptr, zeros_ptr, g, n_groups, rn, n_mask, N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
-        v = _decode(_extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2), z[:, None], COMPUTE, IS_FLOAT, BITS, MAN_BITS)
-        w = (v.to(tl.float32) * s[:, None]).to(COMPUTE)
+        if GROUP_SIZE == -1:
+            g = 0
+        elif GROUP_SIZE >= PD:
+            g = k0 // GROUP_SIZE
+        else:
+            g = ((k0 + rp) // GROUP_SIZE)[None, :]
+        s, z = _scale_values(scales_ptr, zeros_ptr, g, n_groups, rn[:, None], n_mask[:, None], N, SYMMETRIC, SCALE_MX,
+                             OFFSET, FLOAT_FACTOR)
+        v = _decode(_extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2), z, COMPUTE, IS_FLOAT, BITS, MAN_BITS)
+        w = (v.to(tl.float32) * s).to(COMPUTE)
         rk = k0 + rp
         tl.store(out_ptr + rn[:, None] * K + rk[None, :], w, mask=n_mask[:, None] & (rk[None, :] < K))

@@ -1,50 +1,55 @@
 """Storage layout of low-bit codes, as the kernels read it, and its exact inverse.
 
-Layout ``tiled-planes-v1``
+Layout ``tiled-planes-v2``
 --------------------------
 A ``B``-bit code is split into *segments* of 8, 4, 2 and 1 bits, most significant first
 (``SEGMENTS[6] == (4, 2)``: bits 5..2, then bits 1..0), so every load stays aligned and no
 code straddles a word (the TC-FPx idea), and 3/5/6/7-bit codes take exactly B bits.
 
-K is cut into tiles of ``TILE_K = 128`` input weights (the last tile padded with code 0).
-A segment of ``s <= 4`` bits stores, for each row ``n`` and tile ``t``, ``PLANE = 16`` words of
-``8*s`` bits (int32 for 4 bits, int16 for 2, int8 for 1). Word ``i`` of the tile holds the
-codes of ``k = 128*t + i + 16*j`` at bits ``s*j .. s*j+s-1`` for ``j = 0..7``. So one shift and
-mask of the word tile ``[rows, 16]`` gives *plane* ``j``: the codes of 16 consecutive ``k``,
-which is directly a 16-deep operand of the matrix instruction, with no reshape in the kernel.
-An 8-bit segment is stored plainly, ``[N, K_padded]`` uint8 (one plane 128 deep).
+K is cut into tiles of ``TILE_K = 128`` input weights (the last tile padded with code 0), and
+each tile into ``128 / D`` *planes* of ``D = 16 * (narrowest segment)`` consecutive k: 2 planes
+of 64 for int4, 1 of 128 for 8 bits, 4 of 32 for 2 and 6 bits, 8 of 16 where a 1-bit segment
+exists. For each row and tile a segment of ``s`` bits stores ``D`` words of ``s * 128 / D`` bits
+(uint8, int16 or int32); word ``i`` holds the codes of ``k = 128*t + i + D*j`` at bits
+``s*j .. s*j+s-1``. So one shift and mask of the word tile ``[rows, D]`` gives plane ``j``,
+directly a ``D``-deep operand of the matrix instruction, with no reshape in the kernel; deep
+planes keep the number of matrix products and activation loads per weight low.
 
-Each segment is a row-major tensor ``[N, K_padded * s / 8]`` in bytes, so a 128-deep tile of a
-row is 64 contiguous bytes for 4 bits: 16-byte vector loads, every byte used.
+Each segment is a row-major tensor ``[N, K_padded / 128 * D]``: a row's tile is ``16*s`` contiguous
+bytes, loaded with 16-byte vectors, every byte used.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["TILE_K", "PLANE", "LAYOUT", "SEGMENTS", "padded_k", "pack_codes", "unpack_codes", "segment_dtype", "segment_shape"]
+__all__ = ["TILE_K", "LAYOUT", "SEGMENTS", "padded_k", "plane_depth", "pack_codes", "unpack_codes", "segment_dtype",
+           "segment_shape"]
 
-LAYOUT = "tiled-planes-v1"
+LAYOUT = "tiled-planes-v2"
 TILE_K = 128
-PLANE = 16
-_CODES_PER_WORD = TILE_K // PLANE
 
 SEGMENTS = {8: (8,), 7: (4, 2, 1), 6: (4, 2), 5: (4, 1), 4: (4,), 3: (2, 1), 2: (2,)}
-_WORD_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.uint8}
+_WORD_DTYPES = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
 
 
 def padded_k(k: int) -> int:
     return -(-k // TILE_K) * TILE_K
 
 
-def segment_dtype(seg_bits: int) -> torch.dtype:
-    return _WORD_DTYPES[seg_bits]
+def plane_depth(bits: int) -> int:
+    """k per plane (and words per row and tile) of ``bits``-bit codes."""
+    return 16 * min(SEGMENTS[bits])
 
 
-def segment_shape(n: int, k: int, seg_bits: int) -> tuple[int, int]:
-    """Shape of the packed tensor of one ``seg_bits``-wide segment for a ``[n, k]`` weight."""
-    kp = padded_k(k)
-    return (n, kp) if seg_bits == 8 else (n, kp // TILE_K * PLANE)
+def segment_dtype(bits: int, seg_bits: int) -> torch.dtype:
+    """Word dtype of the ``seg_bits``-wide segment of ``bits``-bit codes."""
+    return _WORD_DTYPES[seg_bits * TILE_K // plane_depth(bits)]
+
+
+def segment_shape(n: int, k: int, bits: int) -> tuple[int, int]:
+    """Shape of each packed segment tensor of ``bits``-bit codes for a ``[n, k]`` weight."""
+    return (n, padded_k(k) // TILE_K * plane_depth(bits))
 
 
 def _segment_shifts(bits: int) -> list[tuple[int, int]]:
@@ -66,19 +71,20 @@ def pack_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
     kp = padded_k(k)
     c = torch.zeros(n, kp, dtype=torch.int64, device=codes.device)
     c[:, :k] = codes
+    depth = plane_depth(bits)
+    planes = TILE_K // depth
     out = []
     for s, shift in _segment_shifts(bits):
         seg = (c >> shift) & ((1 << s) - 1)
-        if s == 8:
-            out.append(seg.to(torch.uint8))
-            continue
-        # [N, tiles, j, i] with k = 128 t + 16 j + i; word i holds plane j at bits s*j.
-        seg = seg.view(n, kp // TILE_K, _CODES_PER_WORD, PLANE)
-        weights = (torch.arange(_CODES_PER_WORD, device=codes.device, dtype=torch.int64) * s).view(1, 1, -1, 1)
+        # [N, tiles, j, i] with k = 128 t + D j + i; word i holds plane j at bits s*j.
+        seg = seg.view(n, kp // TILE_K, planes, depth)
+        weights = (torch.arange(planes, device=codes.device, dtype=torch.int64) * s).view(1, 1, -1, 1)
         words = (seg << weights).sum(dim=2)  # disjoint bit fields: sum == or
-        width = 8 * s
-        words = torch.where(words >= (1 << (width - 1)), words - (1 << width), words)  # two's complement
-        out.append(words.reshape(n, kp // TILE_K * PLANE).to(_WORD_DTYPES[s]))
+        dtype = segment_dtype(bits, s)
+        if dtype != torch.uint8:  # two's complement for the signed word types
+            width = s * planes
+            words = torch.where(words >= (1 << (width - 1)), words - (1 << width), words)
+        out.append(words.reshape(n, kp // TILE_K * depth).to(dtype))
     return tuple(out)
 
 
@@ -89,17 +95,14 @@ def unpack_codes(packed: tuple[torch.Tensor, ...], bits: int, k: int) -> torch.T
     n = packed[0].shape[0]
     kp = padded_k(k)
     code = torch.zeros(n, kp, dtype=torch.int64, device=packed[0].device)
+    depth = plane_depth(bits)
+    planes = TILE_K // depth
+    expected = segment_shape(n, k, bits)
     for (s, shift), words in zip(_segment_shifts(bits), packed):
-        expected = segment_shape(n, k, s)
-        if tuple(words.shape) != expected or words.dtype != _WORD_DTYPES[s]:
-            raise ValueError(f"packed {s}-bit segment: expected {_WORD_DTYPES[s]} {expected}, "
+        if tuple(words.shape) != expected or words.dtype != segment_dtype(bits, s):
+            raise ValueError(f"packed {s}-bit segment: expected {segment_dtype(bits, s)} {expected}, "
                              f"got {words.dtype} {tuple(words.shape)}")
-        w = words.to(torch.int64)
-        if s == 8:
-            seg = w
-        else:
-            w = (w & ((1 << (8 * s)) - 1)).view(n, kp // TILE_K, 1, PLANE)
-            shifts = (torch.arange(_CODES_PER_WORD, device=w.device, dtype=torch.int64) * s).view(1, 1, -1, 1)
-            seg = ((w >> shifts) & ((1 << s) - 1)).reshape(n, kp)
-        code |= seg << shift
+        w = (words.to(torch.int64) & ((1 << (s * planes)) - 1)).view(n, kp // TILE_K, 1, depth)
+        shifts = (torch.arange(planes, device=w.device, dtype=torch.int64) * s).view(1, 1, -1, 1)
+        code |= ((w >> shifts) & ((1 << s) - 1)).reshape(n, kp) << shift
     return code[:, :k].to(torch.uint8)
