@@ -36,9 +36,9 @@ SHARD_DIMS = {"packed": (0, 1), "scales": (1, 0), "zeros": (1, 0), "perm": (None
 
 # -- sharding without vLLM -----------------------------------------------------------------------
 
-def _words(k: int, seg_bits: int) -> int:
-    """Packed columns holding ``k`` input columns (``k`` rounded up to whole tiles)."""
-    return _pack.segment_shape(1, k, seg_bits)[1]
+def _words(k: int, bits: int) -> int:
+    """Packed columns (of every segment) holding ``k`` input columns (``k`` rounded up to whole tiles)."""
+    return _pack.segment_shape(1, k, bits)[1]
 
 
 def input_slice_is_plain(in_features: int, start: int, size: int) -> bool:
@@ -50,8 +50,7 @@ def slice_input_codes(packed, bits: int, in_features: int, start: int, size: int
     """Packed codes of input columns ``[start, start+size)``: a slice of words on tile boundaries,
     else unpack, slice and pack again (a tile mixes the columns of two shards)."""
     if input_slice_is_plain(in_features, start, size):
-        return tuple(p[:, _words(start, s): _words(start, s) + _words(size, s)]
-                     for p, s in zip(packed, _pack.SEGMENTS[bits]))
+        return tuple(p[:, _words(start, bits): _words(start, bits) + _words(size, bits)] for p in packed)
     codes = _pack.unpack_codes(tuple(packed), bits, in_features)[:, start:start + size]
     return _pack.pack_codes(codes.contiguous(), bits)
 
@@ -172,8 +171,10 @@ def _vllm_classes():
             repack = not row_shards_are_word_slices(input_size, tp_size)
             layer.lowbit_loaded_input = (input_size, layer.tp_rank * k) if repack else (k, 0)  # (columns, offset)
             layer.lowbit_in_features = k
-            for name, s in zip(self.packed_names, _pack.SEGMENTS[self.scheme.bits]):
-                data = torch.empty(_pack.segment_shape(n, input_size if repack else k, s), dtype=_pack.segment_dtype(s))
+            bits = self.scheme.bits
+            for name, s in zip(self.packed_names, _pack.SEGMENTS[bits]):
+                data = torch.empty(_pack.segment_shape(n, input_size if repack else k, bits),
+                                   dtype=_pack.segment_dtype(bits, s))
                 out_dim, in_dim = SHARD_DIMS["packed"]
                 layer.register_parameter(name, BasevLLMParameter(data=data, weight_loader=weight_loader) if repack else
                                          ModelWeightParameter(data=data, output_dim=out_dim, input_dim=in_dim,
