@@ -6,15 +6,18 @@ in float32, the source format's own dequantization written here from the same la
 """
 
 import json
+import os
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import lowbit
-from lowbit.io import importers
 from lowbit.io.importers import convert, convert_tensors, detect_format, load_foreign
 
+SNIPPET = Path(__file__).parents[1] / "docs" / "snippets" / "import_checkpoint.py"
 N, K = 48, 256  # N a multiple of 8 (AWQ, packed zero points), K of every group size used
 AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble slot i holds column 8c + AWQ_PACK_ORDER[i]
 
@@ -160,8 +163,8 @@ def test_gptq_unsupported_variants_are_named(change, message):
 
 def awq_checkpoint(group_size=32):
     codes, scales, zeros = random_layer(4, K // group_size, asym=True)
-    tensors = {"layer.qweight": pack_last_dim(codes, 4, AWQ_PACK_ORDER), "layer.qzeros": pack_last_dim(zeros, 4, AWQ_PACK_ORDER),
-               "layer.scales": scales}
+    tensors = {"layer.qweight": pack_last_dim(codes, 4, AWQ_PACK_ORDER),
+               "layer.qzeros": pack_last_dim(zeros, 4, AWQ_PACK_ORDER), "layer.scales": scales}
     qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
     return {"quantization_config": qc, "dtype": "float16"}, tensors
 
@@ -257,6 +260,19 @@ def test_compressed_tensors_unsupported_variants_are_named(change, message):
         convert_tensors(config, tensors)
 
 
+def test_compressed_tensors_config_groups_target_by_regex_before_class():
+    config, int4 = ct_checkpoint(4, "group", True)
+    _, int8 = ct_checkpoint(8, "channel", False)
+    groups = config["quantization_config"]["config_groups"]
+    groups["group_1"] = {**groups["group_0"], "targets": ["re:.*down_proj$"],
+                         "weights": {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "channel"}}
+    tensors = {**{k.replace("layer", "mlp.up_proj"): v for k, v in int4.items()},
+               **{k.replace("layer", "mlp.down_proj"): v for k, v in int8.items()}}
+    _, modules = convert_tensors(config, tensors)
+    assert modules["mlp.up_proj"]["scheme"] == "int4-g32"
+    assert modules["mlp.down_proj"]["scheme"] == "int8-channel-asym"
+
+
 def test_compressed_tensors_float_zero_points_are_rejected():
     config, tensors = ct_checkpoint(4, "group", False)
     tensors["layer.weight_zero_point"] = torch.zeros(N, K // 32, dtype=torch.bfloat16)
@@ -343,3 +359,11 @@ def test_convert_writes_a_lowbit_checkpoint(gptq_dir, tmp_path):
         state = loaded.state_dict()
         assert state.keys() == expected.keys()
         assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_readme_snippet_runs(gptq_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.symlink(gptq_dir[0], tmp_path / "my-gptq-model")
+    model = runpy.run_path(str(SNIPPET))["model"]
+    assert isinstance(model.model.layers[0].mlp.down_proj, lowbit.QuantLinear)
+    assert (tmp_path / "my-model-lowbit" / "model.safetensors").exists()

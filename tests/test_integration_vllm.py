@@ -65,7 +65,8 @@ def test_column_parallel_merged_gate_up(tp):
     full = fuse_columns([gate, up])
     for rank, shard in enumerate(vllm_column_shards([gate, up], tp)):
         size = 64 // tp
-        rows = torch.cat([torch.arange(rank * size, (rank + 1) * size), 64 + torch.arange(rank * size, (rank + 1) * size)])
+        own = torch.arange(rank * size, (rank + 1) * size)
+        rows = torch.cat([own, 64 + own])
         assert torch.equal(dense(shard), dense(full)[rows])
 
 

@@ -210,7 +210,7 @@ def _compressed_tensors_args(qc: dict, name: str) -> tuple[dict, str]:
     matches = []
     for group_name, group in (qc.get("config_groups") or {}).items():
         for target in group.get("targets", []):
-            by_name = target.startswith("re:") and re.match(target[3:], name) or target == name
+            by_name = bool(re.match(target[3:], name)) if target.startswith("re:") else target == name
             if by_name or target == "Linear":
                 matches.append((not by_name, group_name, group))
     if not matches:
@@ -332,6 +332,7 @@ def convert(src_dir, out_dir) -> Path:
     save_quantized(load_foreign(src_dir), out)
     skip = {"config.json", *_SIDE_CONFIGS, *_WEIGHT_INDEX_FILES}
     for f in Path(src_dir).iterdir():
-        if f.is_file() and f.name not in skip and not f.name.endswith(_WEIGHT_FILE_SUFFIXES) and not (out / f.name).exists():
+        side_file = f.is_file() and f.name not in skip and not f.name.endswith(_WEIGHT_FILE_SUFFIXES)
+        if side_file and not (out / f.name).exists():
             shutil.copy2(f, out / f.name)
     return out
