@@ -122,7 +122,7 @@ class FloatFormat(Format):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         x = _check_encode_input(x).to(torch.float64)
-        mags = self._magnitudes
+        mags = self._magnitudes.to(x.device)
         a = x.abs().clamp_(max=mags[-1])
         mids = (mags[1:] + mags[:-1]) / 2  # exact in float64
         lo = torch.bucketize(a, mids, right=False)  # index of the first midpoint >= a
@@ -136,7 +136,7 @@ class FloatFormat(Format):
         _check_codes(codes, self.bits)
         c = codes.to(torch.int64)
         mag_code = c & ((1 << (self.bits - 1)) - 1)
-        mags = self._magnitudes
+        mags = self._magnitudes.to(c.device)
         if self.ocp_e4m3fn:
             mags = torch.cat([mags, torch.tensor([float("nan")], dtype=torch.float64)])
         v = mags[mag_code]

@@ -143,21 +143,25 @@ def _num_sms(device: torch.device) -> int:
 
 
 def heuristic_config(m: int, n: int, k: int, bits: int, sms: int) -> KernelConfig:
-    """A reasonable config from first principles (used where no tuned entry exists).
+    """A config from what tuning found on Hopper (used where no tuned entry exists).
 
-    Up to 128 tokens: weights as the wide operand (swap A/B), 64-row tiles, 2 warps (so Triton
-    emits mma.sync: its wgmma path waits for every 16-deep product of the plane loop), split-K until
-    the grid covers the SMs about twice. Past 128 tokens: dequantize once and call cuBLAS.
+    Up to 128 tokens: weights as the wide operand (swap A/B), 64-row tiles; up to 32 tokens 2 warps
+    (Triton then emits mma.sync; its wgmma path waits for every product of the plane loop), and
+    split-K until about 8 programs per SM; larger batches 64-token tiles, 4 warps, about 2 programs
+    per SM. Past 128 tokens: dequantize once and call cuBLAS.
     """
     if m > 128:
         return KernelConfig(path="dequant")
     k_tiles = triton.cdiv(k, _pack.TILE_K)
-    block_m = max(16, triton.next_power_of_2(min(m, 64)))
+    small = m <= 32
+    block_m = max(16, triton.next_power_of_2(m)) if small else 64
     tiles = triton.cdiv(n, 64) * triton.cdiv(m, block_m)
+    target = (8 if small else 2) * sms
     split = 1
-    while tiles * split < 2 * sms and split * 2 <= min(16, max(1, k_tiles // 2)):
-        split *= 2
-    return KernelConfig(block_n=64, block_m=block_m, split_k=split, swap_ab=True, num_warps=2, num_stages=4)
+    while tiles * split < target and split < min(8, max(1, k_tiles // 4)):
+        split += 1
+    return KernelConfig(block_n=64, block_m=block_m, split_k=split, swap_ab=True, num_warps=2 if small else 4,
+                        num_stages=3)
 
 
 def _gpu_slug(device: torch.device) -> str:
@@ -178,15 +182,14 @@ def table_key(m: int, n: int, k: int, qw_bits: int, per_channel: bool) -> dict:
 
 
 def choose_config(m: int, qw: QuantizedWeight, device: torch.device) -> KernelConfig:
-    """The tuned entry of the nearest batch bucket for this (bits, scale kind, N, K), else the heuristic."""
+    """The tuned entry for this (bits, scale kind, N, K) and batch bucket, else the heuristic."""
     n, k = qw.shape
     entries = [(key, cfg) for key, cfg in tuned_table(_gpu_slug(device))
                if key["bits"] == qw.scheme.bits and key["per_channel"] == qw.scheme.per_channel
                and key["n"] == n and key["k"] == k]
-    if entries:
-        # the smallest tuned batch >= m (or the largest one)
-        above = [e for e in entries if e[0]["m"] >= m]
-        key, cfg = min(above, key=lambda e: e[0]["m"]) if above else max(entries, key=lambda e: e[0]["m"])
+    above = [e for e in entries if e[0]["m"] >= m]
+    if above:  # the tuned entry of the smallest batch bucket >= m
+        cfg = min(above, key=lambda e: e[0]["m"])[1]
         if cfg.path == "fused" and cfg.swap_ab and cfg.block_m < m:
             cfg = KernelConfig(**{**asdict(cfg), "block_m": max(16, triton.next_power_of_2(min(m, 64)))})
         return cfg
