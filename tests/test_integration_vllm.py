@@ -123,11 +123,11 @@ def vllm_python():
     return os.environ.get("LOWBIT_VLLM_PYTHON") or (sys.executable if importlib.util.find_spec("vllm") else None)
 
 
-def run_vllm(*args, cwd=None) -> dict:
-    run = subprocess.run([vllm_python(), str(E2E_SCRIPT), *args], capture_output=True, text=True, timeout=1200,
-                         cwd=cwd)
+def run_vllm(result_file: Path, *args, cwd=None) -> dict:
+    run = subprocess.run([vllm_python(), str(E2E_SCRIPT), str(result_file), *args], capture_output=True, text=True,
+                         timeout=1200, cwd=cwd)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = json.loads(result_file.read_text())
     print(f"vLLM: {result['seconds']:.0f} s")
     return result
 
@@ -155,7 +155,7 @@ def test_vllm_serves_tiny_llama_like_transformers(tmp_path):
                                                  quantization_config=lowbit.LowbitConfig(scheme="int4-g32"))
     model.save_pretrained(tmp_path / "int4")
     prompts = [[1, 17, 42, 99, 5, 63], [1, 100, 7, 7, 31]]
-    result = run_vllm("--model", str(tmp_path / "int4"), "--prompt-ids", json.dumps(prompts), "--max-tokens", "8")
+    result = run_vllm(tmp_path / "vllm.json", "--model", str(tmp_path / "int4"), "--prompt-ids", json.dumps(prompts), "--max-tokens", "8")
     assert result["outputs"] == transformers_greedy(tmp_path / "int4", prompts, 8)
 
 
@@ -170,6 +170,6 @@ def test_readme_vllm_snippet_serves_smollm2_like_transformers(tmp_path):
     lowbit.save_quantized(model, tmp_path / "my-model-int4")
     tokenizer.save_pretrained(tmp_path / "my-model-int4")
     del model
-    result = run_vllm("--snippet", str(VLLM_SNIPPET), cwd=tmp_path)
+    result = run_vllm(tmp_path / "vllm.json", "--snippet", str(VLLM_SNIPPET), cwd=tmp_path)
     assert result["outputs"] == transformers_greedy(tmp_path / "my-model-int4", result["prompts"],
                                                     len(result["outputs"][0]))

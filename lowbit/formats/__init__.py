@@ -138,7 +138,7 @@ class FloatFormat(Format):
         mag_code = c & ((1 << (self.bits - 1)) - 1)
         mags = self._magnitudes.to(c.device)
         if self.ocp_e4m3fn:
-            mags = torch.cat([mags, torch.tensor([float("nan")], dtype=torch.float64)])
+            mags = torch.cat([mags, mags.new_full((1,), float("nan"))])
         v = mags[mag_code]
         v = torch.where((c >> (self.bits - 1)) == 1, -v, v)
         return v.to(torch.float32)
