@@ -177,16 +177,19 @@ def tuned_table(slug: str) -> tuple:
     return tuple((e["key"], KernelConfig(**e["config"])) for e in data["entries"])
 
 
-def table_key(m: int, n: int, k: int, qw_bits: int, per_channel: bool) -> dict:
-    return {"bits": qw_bits, "per_channel": per_channel, "n": n, "k": k, "m": m}
+def table_key(m: int, qw: QuantizedWeight) -> dict:
+    """What a tuned entry is for: the code width, scale and zero kind (they change the kernel's
+    resources) and the shape."""
+    return {"bits": qw.scheme.bits, "float": qw.scheme.fmt.is_float, "group_size": qw.scheme.group_size,
+            "symmetric": qw.scheme.symmetric, "n": qw.out_features, "k": qw.in_features, "m": m}
 
 
 def choose_config(m: int, qw: QuantizedWeight, device: torch.device) -> KernelConfig:
     """The tuned entry for this (bits, scale kind, N, K) and batch bucket, else the heuristic."""
     n, k = qw.shape
+    want = {key: value for key, value in table_key(m, qw).items() if key != "m"}
     entries = [(key, cfg) for key, cfg in tuned_table(_gpu_slug(device))
-               if key["bits"] == qw.scheme.bits and key["per_channel"] == qw.scheme.per_channel
-               and key["n"] == n and key["k"] == k]
+               if all(key.get(name) == value for name, value in want.items())]
     above = [e for e in entries if e[0]["m"] >= m]
     if above:  # the tuned entry of the smallest batch bucket >= m
         cfg = min(above, key=lambda e: e[0]["m"])[1]

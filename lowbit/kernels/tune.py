@@ -108,7 +108,7 @@ def main(argv=None) -> int:
                 qw = random_qweight(scheme, n, k, dtype, device)
                 for m in a.batches:
                     cfg, us, info = tune_one(qw, m, a.replays)
-                    key = dispatch.table_key(m, n, k, qw.scheme.bits, qw.scheme.per_channel)
+                    key = dispatch.table_key(m, qw)
                     entries[json.dumps(key, sort_keys=True)] = {"key": key, "config": dataclasses.asdict(cfg),
                                                                 "us": us, **info}
                     print(f"{scheme} {set_name}/{layer} M={m}: {us:.1f} us (heuristic {info['heuristic_us']:.1f}, "
