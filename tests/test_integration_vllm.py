@@ -155,7 +155,8 @@ def test_vllm_serves_tiny_llama_like_transformers(tmp_path):
                                                  quantization_config=lowbit.LowbitConfig(scheme="int4-g32"))
     model.save_pretrained(tmp_path / "int4")
     prompts = [[1, 17, 42, 99, 5, 63], [1, 100, 7, 7, 31]]
-    result = run_vllm(tmp_path / "vllm.json", "--model", str(tmp_path / "int4"), "--prompt-ids", json.dumps(prompts), "--max-tokens", "8")
+    result = run_vllm(tmp_path / "vllm.json", "--model", str(tmp_path / "int4"), "--prompt-ids", json.dumps(prompts),
+                      "--max-tokens", "8")
     assert result["outputs"] == transformers_greedy(tmp_path / "int4", prompts, 8)
 
 
