@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from triton.errors import TritonError
 
 from ..kernels import dispatch
 from ..scheme import Scheme
@@ -69,7 +70,7 @@ def run(layer_sets, schemes, batches, dtypes, replays=25, peers=True, device="cu
     device = torch.device(device)
     meta = run_metadata(device)
     bw = copy_bandwidth_gbs(device)
-    rows, blocks = [], []
+    rows, blocks, errors = [], [], []
     for set_name in layer_sets:
         layers = LAYER_SETS[set_name]
         for dtype in dtypes:
@@ -83,27 +84,13 @@ def run(layer_sets, schemes, batches, dtypes, replays=25, peers=True, device="cu
                         if peer_rows[(name, m)] is None:
                             break
             for scheme in schemes + (["torch-int4-tinygemm-g128"] if peer_rows else []):
-                per_m = {m: [0.0, 0.0, 0] for m in batches}
-                for name, k, n in layers:
-                    if scheme.startswith("torch-"):
-                        qw, err, wbytes = None, None, n * k // 2 + (k // 128) * n * 4
-                    else:
-                        qw = random_qweight(scheme, n, k, dtype, device)
-                        err, wbytes = _check(qw, device), qw.nbytes
-                    for m in batches:
-                        us = peer_rows.get((name, m)) if qw is None else _lowbit_us(qw, m, device, replays)
-                        if us is None:
-                            continue
-                        b = base[(name, m)]
-                        cfg = None if qw is None else dispatch.choose_config(m, qw, device)
-                        rows.append({"layer_set": set_name, "layer": name, "scheme": scheme, "dtype": dname,
-                                     "K": k, "N": n, "M": m, "us": us, "baseline_us": b, "speedup": b / us,
-                                     "weight_bytes": wbytes, "gbs": (wbytes + 2 * m * (k + n)) / us / 1e3,
-                                     "rel_err": err, "config": None if cfg is None else cfg.__dict__})
-                        per_m[m][0] += us
-                        per_m[m][1] += b
-                        per_m[m][2] += wbytes
-                    del qw
+                try:
+                    per_m = _bench_scheme(scheme, set_name, layers, batches, base, peer_rows, dname, dtype, device,
+                                          replays, rows)
+                except (RuntimeError, ValueError, TritonError) as e:  # one scheme's failure keeps the other rows
+                    progress(f"{set_name} {dname} {scheme}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    errors.append({"layer_set": set_name, "scheme": scheme, "dtype": dname, "error": str(e)[:2000]})
+                    continue
                 for m, (us, b, wb) in per_m.items():
                     if us:
                         blocks.append({"layer_set": set_name, "scheme": scheme, "dtype": dname, "M": m, "us": us,
@@ -111,7 +98,33 @@ def run(layer_sets, schemes, batches, dtypes, replays=25, peers=True, device="cu
                 progress(f"{set_name} {dname} {scheme}: " + " ".join(
                     f"M{m}={per_m[m][1] / per_m[m][0]:.2f}x" for m in batches if per_m[m][0]))
             torch.cuda.empty_cache()
-    return {**meta, "kind": "layers", "copy_bandwidth_gbs": bw, "rows": rows, "blocks": blocks}
+    return {**meta, "kind": "layers", "copy_bandwidth_gbs": bw, "rows": rows, "blocks": blocks, "errors": errors}
+
+
+def _bench_scheme(scheme, set_name, layers, batches, base, peer_rows, dname, dtype, device, replays, rows) -> dict:
+    """Time one scheme on every layer and batch; append per-layer rows; return per-batch block sums."""
+    per_m = {m: [0.0, 0.0, 0] for m in batches}
+    for name, k, n in layers:
+        if scheme.startswith("torch-"):
+            qw, err, wbytes = None, None, n * k // 2 + (k // 128) * n * 4
+        else:
+            qw = random_qweight(scheme, n, k, dtype, device)
+            err, wbytes = _check(qw, device), qw.nbytes
+        for m in batches:
+            us = peer_rows.get((name, m)) if qw is None else _lowbit_us(qw, m, device, replays)
+            if us is None:
+                continue
+            b = base[(name, m)]
+            cfg = None if qw is None else dispatch.choose_config(m, qw, device)
+            rows.append({"layer_set": set_name, "layer": name, "scheme": scheme, "dtype": dname,
+                         "K": k, "N": n, "M": m, "us": us, "baseline_us": b, "speedup": b / us,
+                         "weight_bytes": wbytes, "gbs": (wbytes + 2 * m * (k + n)) / us / 1e3,
+                         "rel_err": err, "config": None if cfg is None else cfg.__dict__})
+            per_m[m][0] += us
+            per_m[m][1] += b
+            per_m[m][2] += wbytes
+        del qw
+    return per_m
 
 
 def format_table(result: dict) -> str:

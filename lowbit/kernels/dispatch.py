@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .. import pack as _pack
 from ..qweight import QuantizedWeight
-from .triton_matmul import int4_planes_asm, int8_fp16_asm, lowbit_dequant_kernel, lowbit_matmul_kernel
+from .triton_matmul import e4m3_fp16_asm, int4_planes_asm, int8_fp16_asm, lowbit_dequant_kernel, lowbit_matmul_kernel
 
 __all__ = ["KernelConfig", "matmul", "fused_matmul", "dequantize", "choose_config", "heuristic_config"]
 
@@ -69,14 +69,20 @@ def _scheme_constants(qw: QuantizedWeight, compute: torch.dtype) -> dict:
 
 
 def _fast_path_constants(qw: QuantizedWeight, compute: torch.dtype, device: torch.device) -> dict:
-    """Inline-PTX decoders for int4 and int8 (fp16) on a real GPU; the interpreter has no inline asm."""
+    """Inline-PTX decoders on a real GPU (the interpreter has no inline asm): int4 (fp16/bf16), and
+    int8 and fp8 e4m3 (fp16). The e4m3 conversion yields true values, so its decode factor is 1."""
     fmt = qw.scheme.fmt
-    use_asm = device.type == "cuda" and not fmt.is_float
-    zero = fmt.offset if use_asm and qw.scheme.symmetric else None
-    asm4 = int4_planes_asm(compute == torch.float16, zero) if use_asm and fmt.bits == 4 else ""
-    asm8 = int8_fp16_asm(zero) if use_asm and fmt.bits == 8 and compute == torch.float16 else ""
-    scale_in_compute = not fmt.is_float and not qw.scheme.mx and qw.scales.dtype == compute
-    return dict(ASM4=asm4, ASM8=asm8, SCALE_IN_COMPUTE=scale_in_compute)
+    on_gpu = device.type == "cuda"
+    out = dict(ASM4="", ASM8="", SCALE_IN_COMPUTE=not fmt.is_float and not qw.scheme.mx and qw.scales.dtype == compute)
+    if on_gpu and not fmt.is_float:
+        zero = fmt.offset if qw.scheme.symmetric else None
+        if fmt.bits == 4:
+            out["ASM4"] = int4_planes_asm(compute == torch.float16, zero)
+        elif fmt.bits == 8 and compute == torch.float16:
+            out["ASM8"] = int8_fp16_asm(zero)
+    elif on_gpu and fmt.is_float and (fmt.exp_bits, fmt.man_bits) == (4, 3) and compute == torch.float16:
+        out.update(ASM8=e4m3_fp16_asm(), FLOAT_FACTOR=1.0)
+    return out
 
 
 def _segment_args(qw: QuantizedWeight):
@@ -116,8 +122,8 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
         x, *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, bias if bias is not None else out,
         out, partial, counters, m, n, k, x.stride(0), out.stride(0), *strides, per_split, qw.num_groups, split,
         HAS_BIAS=bias is not None, EVEN_K=k % _pack.TILE_K == 0, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_scheme_constants(qw, x.dtype),
-        **_fast_path_constants(qw, x.dtype, x.device))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **{**_scheme_constants(qw, x.dtype), **_fast_path_constants(qw, x.dtype, x.device)})
     return out
 
 

@@ -1,0 +1,50 @@
+"""Compile one fused-kernel configuration for sm_90 on a machine without a GPU (Triton's bundled
+ptxas and cuobjdump) and count the SASS instructions that matter: no device time needed to see
+whether the matrix instructions are wgmma or mma.sync, whether the activation loads are
+asynchronous, and how many decode instructions the loop holds.
+
+    python bench/sass_offline.py SCHEME BLOCK_N BLOCK_M SWAP_AB NUM_WARPS NUM_STAGES
+"""
+import collections
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lowbit.bench.common import random_qweight
+from lowbit.kernels.dispatch import _fast_path_constants, _scheme_constants
+from lowbit.kernels.triton_matmul import lowbit_matmul_kernel
+
+scheme, block_n, block_m, swap, warps, stages = sys.argv[1], *map(int, sys.argv[2:7])
+qw = random_qweight(scheme, 256, 1024, torch.float16, "cpu")
+consts = {**_scheme_constants(qw, torch.float16), **_fast_path_constants(qw, torch.float16, torch.device("cuda")),
+          "HAS_BIAS": False, "EVEN_K": True, "BLOCK_N": block_n, "BLOCK_M": block_m, "SWAP_AB": bool(swap)}
+names = lowbit_matmul_kernel.arg_names
+pointer_types = {"x_ptr": "*fp16", "seg0_ptr": f"*{str(qw.packed[0].dtype).replace('torch.', '')}",
+                 "scales_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp16", "partial_ptr": "*fp32",
+                 "counter_ptr": "*i32"}
+pointer_types = {k: v.replace("uint8", "u8").replace("int16", "i16").replace("int32", "i32") for k, v in
+                 pointer_types.items()}
+pointer_types.update(seg1_ptr=pointer_types["seg0_ptr"], seg2_ptr=pointer_types["seg0_ptr"],
+                     zeros_ptr=pointer_types["scales_ptr"])
+signature = {a: "constexpr" if a in consts else pointer_types.get(a, "i32") for a in names}
+divisible = [a for a in names if a not in consts and a not in ("split_k", "k_tiles_per_split", "n_groups")]
+source = ASTSource(fn=lowbit_matmul_kernel, signature=signature,
+                   constexprs={(names.index(k),): v for k, v in consts.items()},
+                   attrs={(names.index(a),): [["tt.divisibility", 16]] for a in divisible})
+kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+cubin = Path("/tmp/lowbit_kernel.cubin")
+cubin.write_bytes(kernel.asm["cubin"])
+cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+ops = collections.Counter(m.split(".")[0] for m in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)",
+                                                              sass, re.M))
+print(f"{scheme} block_n={block_n} block_m={block_m} swap={bool(swap)} warps={warps} stages={stages}: "
+      f"{sum(ops.values())} instructions, shared {kernel.metadata.shared} B")
+print(" ".join(f"{op}:{n}" for op, n in ops.most_common(30)))
+print("waits after each wgmma:", sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0"))
