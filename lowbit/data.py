@@ -55,8 +55,15 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     os.environ["HF_HUB_OFFLINE"] = "1"  # everything is local; never wait on an unreachable hub
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    options = {}
+    try:  # transformers >= 5 can keep GGUF weights packed (GgufLinear); lowbit quantizes plain nn.Linear
+        from transformers import GgufConfig
+
+        options["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always dequantize
+        pass
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **options)
     # The weights are dequantized to plain tensors: drop the GGUF marker so the model is an ordinary
     # unquantized one (quantizable, and saved without a stale quantization_config).
     model.config.quantization_config = None
