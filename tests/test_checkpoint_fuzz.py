@@ -548,7 +548,8 @@ def build_cases() -> list[Case]:
         for name, predicate, make in [
                 ("scales-dtype", lambda k, t: k.endswith(".scales"),
                  lambda t: t.to(torch.float16 if t.dtype != torch.float16 else torch.bfloat16)),
-                ("packed-dtype", lambda k, t: ".packed_" in k, lambda t: t.view(torch.uint8)),
+                ("packed-dtype", lambda k, t: ".packed_" in k,
+                 lambda t: t.view(torch.int8) if t.dtype == torch.uint8 else t.view(torch.uint8)),
                 ("packed-as-float", lambda k, t: ".packed_0" in k and t.dtype == torch.int32,
                  lambda t: t.view(torch.float32)),
                 ("zeros-signed", lambda k, t: k.endswith(".zeros"), lambda t: t.view(torch.int8)),
