@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .. import pack as _pack
-from ..io.checkpoint import SHA256_PREFIX, tensor_sha256
+from ..io.checkpoint import SHA256_PREFIX, _quantization_config, tensor_sha256
 from ..nn import QuantLinear, quantize_model
 from ..scheme import Scheme
 
@@ -38,13 +38,6 @@ FORMAT_VERSION = 1
 LOAD_TIME_METHODS = ("rtn",)
 # The module holding transformers' registry of quantization methods.
 _REGISTRY_MODULE = "transformers.quantizers.auto"
-
-
-def module_entries(model: nn.Module) -> dict[str, dict]:
-    """The ``modules`` entry of the config: every QuantLinear of ``model`` by qualified name."""
-    return {name: {"scheme": str(m.scheme), "shape": [m.out_features, m.in_features],
-                   "dtype": str(m.weight_dtype).removeprefix("torch."), "act_order": m.perm is not None}
-            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def replace_with_empty_quant_linears(model: nn.Module, modules: dict[str, dict]) -> None:
@@ -135,8 +128,8 @@ def _classes():
                 with torch.no_grad():
                     quantize_model(model, cfg.scheme, exclude=exclude, progress=False, method=cfg.method,
                                    clip_search=cfg.clip_search)
-                # A new config, so the caller's can quantize other models unchanged.
-                self.quantization_config = LowbitConfig(**{**cfg.to_dict(), "modules": module_entries(model)})
+                # A new config (the caller's stays as given), describing the layers as save_quantized does.
+                self.quantization_config = LowbitConfig(**{**cfg.to_dict(), **_quantization_config(model)})
                 model.config.quantization_config = self.quantization_config
             return model
 
