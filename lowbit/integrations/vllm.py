@@ -256,6 +256,9 @@ def _vllm_classes():
 
         def get_quant_method(self, layer, prefix: str):
             if not isinstance(layer, LinearBase):
+                if prefix in self.modules:
+                    raise ValueError(f"{prefix}: vLLM holds it as a {type(layer).__name__}, which the lowbit plugin "
+                                     "cannot quantize; quantize it with modules_to_not_convert=['lm_head'] (the default)")
                 return None
             parts = self.parts_of(prefix)
             metas = [self.modules.get(p) for p in parts]
