@@ -13,6 +13,7 @@ every integer and floating format and every scale kind (group, per-channel, mx) 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Iterable
 
 import torch
@@ -228,7 +229,8 @@ def _check_calibration(calibration) -> None:
 
 
 def _module_device(module: nn.Module) -> torch.device:
-    return next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def _decoder(model: nn.Module) -> nn.Module:
