@@ -147,12 +147,14 @@ class QuantizedWeight:
         computed in float32 (exact), then rounded to ``dtype`` (default: the weight's dtype)."""
         from .quantize.rtn import decode_codes  # the one definition of code -> value
 
-        n, k = self.shape
-        g = self.scheme.group_size
-        cols = torch.arange(k, device=self.device) // (k if g == -1 else g)
-        scales = self.scale_values()[cols].T  # [n, k]
-        zeros = None if self.zeros is None else self.zeros[cols].T
-        w = decode_codes(self.codes(), self.scheme, scales, zeros)
+        k = self.in_features
+        g = k if self.scheme.per_channel else self.scheme.group_size
+
+        def per_column(t: torch.Tensor) -> torch.Tensor:  # [groups, n] -> [n, k]
+            return t.T.repeat_interleave(g, dim=1)[:, :k]
+
+        zeros = None if self.zeros is None else per_column(self.zeros)
+        w = decode_codes(self.codes(), self.scheme, per_column(self.scale_values()), zeros)
         if self.perm is not None:
             w = torch.empty_like(w).index_copy_(1, self.perm, w)
         return w.to(dtype or self.dtype)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -132,16 +132,18 @@ class FloatFormat(Format):
         sign = torch.signbit(x).to(torch.int64) << (self.bits - 1)
         return (code | sign).to(torch.uint8)
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        _check_codes(codes, self.bits)
-        c = codes.to(torch.int64)
-        mag_code = c & ((1 << (self.bits - 1)) - 1)
-        mags = self._magnitudes.to(c.device)
+    @cached_property
+    def _code_values(self) -> torch.Tensor:
+        """float32 value of every code (NaN for e4m3's NaN codes): decoding is one table lookup."""
+        mags = self._magnitudes
         if self.ocp_e4m3fn:
             mags = torch.cat([mags, mags.new_full((1,), float("nan"))])
-        v = mags[mag_code]
-        v = torch.where((c >> (self.bits - 1)) == 1, -v, v)
-        return v.to(torch.float32)
+        return torch.cat([mags, -mags]).to(torch.float32)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        _check_codes(codes, self.bits)
+        table = self._code_values.to(codes.device)
+        return table.index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)
 
 
 def _check_encode_input(x: torch.Tensor) -> torch.Tensor:
@@ -169,20 +171,24 @@ def get(name: str) -> Format:
     """The format called ``name``: ``int2``..``int8``, ``fpN_eEmM`` with 1+E+M = N <= 8, or an alias."""
     if not isinstance(name, str):
         raise TypeError(f"format name must be a string, got {type(name).__name__}")
-    key = ALIASES.get(name.lower(), name.lower())
+    return _get(ALIASES.get(name.lower(), name.lower()))
+
+
+@lru_cache(maxsize=None)  # formats are immutable: one instance (and its cached tables) per name
+def _get(key: str) -> Format:
     if m := _INT_RE.match(key):
         bits = int(m.group(1))
         if 2 <= bits <= 8:
             return IntFormat(bits)
-        raise ValueError(f"integer formats have 2 to 8 bits, got {name!r}")
+        raise ValueError(f"integer formats have 2 to 8 bits, got {key!r}")
     if m := _FLOAT_RE.match(key):
         n, e, mm = (int(g) for g in m.groups())
         if 1 + e + mm != n:
-            raise ValueError(f"format {name!r}: 1 + E + M must equal the bit width {n} (got {1 + e + mm})")
+            raise ValueError(f"format {key!r}: 1 + E + M must equal the bit width {n} (got {1 + e + mm})")
         if e < 1 or n > 8 or n < 3:
-            raise ValueError(f"format {name!r}: floating formats need E >= 1 and 3 <= 1+E+M <= 8")
+            raise ValueError(f"format {key!r}: floating formats need E >= 1 and 3 <= 1+E+M <= 8")
         return FloatFormat(e, mm)
-    raise ValueError(f"unknown format {name!r}: expected int2..int8, fpN_eEmM (1+E+M = N <= 8, E >= 1) "
+    raise ValueError(f"unknown format {key!r}: expected int2..int8, fpN_eEmM (1+E+M = N <= 8, E >= 1) "
                      f"or an alias ({', '.join(ALIASES)})")
 
 

@@ -114,6 +114,8 @@ def save_quantized(model: nn.Module, dir, max_shard_size: int | str = "2GB", ove
     quantization_config = _quantization_config(model)
     shards = _split_shards(_unique_state_dict(model), _parse_size(max_shard_size))
     config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
+    if config and not config.get("architectures"):  # as save_pretrained does, e.g. for a model loaded from GGUF
+        config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quantization_config
 
     target.parent.mkdir(parents=True, exist_ok=True)

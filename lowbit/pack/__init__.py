@@ -94,15 +94,16 @@ def unpack_codes(packed: tuple[torch.Tensor, ...], bits: int, k: int) -> torch.T
         raise ValueError(f"{bits}-bit codes need {len(SEGMENTS.get(bits, ()))} packed segments, got {len(packed)}")
     n = packed[0].shape[0]
     kp = padded_k(k)
-    code = torch.zeros(n, kp, dtype=torch.int64, device=packed[0].device)
     depth = plane_depth(bits)
     planes = TILE_K // depth
     expected = segment_shape(n, k, bits)
+    code = torch.zeros(n, kp, dtype=torch.uint8, device=packed[0].device)
     for (s, shift), words in zip(_segment_shifts(bits), packed):
         if tuple(words.shape) != expected or words.dtype != segment_dtype(bits, s):
             raise ValueError(f"packed {s}-bit segment: expected {segment_dtype(bits, s)} {expected}, "
                              f"got {words.dtype} {tuple(words.shape)}")
-        w = (words.to(torch.int64) & ((1 << (s * planes)) - 1)).view(n, kp // TILE_K, 1, depth)
-        shifts = (torch.arange(planes, device=w.device, dtype=torch.int64) * s).view(1, 1, -1, 1)
-        code |= ((w >> shifts) & ((1 << s) - 1)).reshape(n, kp) << shift
-    return code[:, :k].to(torch.uint8)
+        w = words.to(torch.int32).view(n, kp // TILE_K, 1, depth)  # int32: fewer bytes than int64 on the CPU path
+        shifts = (torch.arange(planes, device=w.device, dtype=torch.int32) * s).view(1, 1, -1, 1)
+        seg = ((w >> shifts) & ((1 << s) - 1)).to(torch.uint8).reshape(n, kp)
+        code |= seg << shift if shift else seg
+    return code[:, :k]

@@ -44,8 +44,9 @@ def quantize(w: torch.Tensor, scheme, method: str = "rtn", *, clip_search: bool 
 
         return quantize_rtn(w, scheme, clip_search=clip_search)
     if method == "gptq":
-        if inputs is None:
-            raise ValueError("method='gptq' needs inputs=X, the layer's calibration inputs [n, in_features]")
+        if inputs is None and gptq_options.get("hessian") is None:
+            raise ValueError("method='gptq' needs inputs=X, the layer's calibration inputs [n, in_features], "
+                             "or hessian=H [in_features, in_features]")
         from .gptq import quantize_gptq
 
         return quantize_gptq(w, scheme, inputs, clip_search=clip_search, **gptq_options)
