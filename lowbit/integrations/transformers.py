@@ -21,6 +21,7 @@ import functools
 import importlib.abc
 import importlib.util
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -183,7 +184,10 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
 
             def exec_then_register(module):
                 exec_module(module)
-                register()
+                try:
+                    register()
+                except Exception as e:  # an incompatible transformers must still import
+                    warnings.warn(f"lowbit could not register its quantizer with transformers: {e!r}")
 
             spec.loader.exec_module = exec_then_register
         return spec
