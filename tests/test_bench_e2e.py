@@ -39,12 +39,22 @@ def test_main_writes_json_rows_and_table(tmp_path, capsys):
     assert table[-1].split()[:3] == ["tiny", "int4-g32", "2"]
 
 
-def test_baseline_is_null_without_fp16(tmp_path):
-    path = tmp_path / "e2e.json"
-    e2e.main(["--device", "cpu", "--models", "tiny", "--schemes", "int4-g32", "--batches", "1",
-              "--prompt-len", "4", "--gen-len", "5", "--json", str(path)])
-    (row,) = json.loads(path.read_text())["rows"]
-    assert row["baseline_tokens_per_s"] is None and row["speedup"] is None
+def test_out_of_memory_is_recorded_and_leaves_baseline_null(monkeypatch):
+    build = e2e.build_model
+
+    def fp16_does_not_fit(name, scheme, device, dtype=torch.float16):
+        if scheme == "fp16":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return build(name, scheme, device, dtype)
+
+    monkeypatch.setattr(e2e, "build_model", fp16_does_not_fit)
+    result = e2e.run(["tiny"], ["fp16", "int4-g32"], [1], prompt_len=4, gen_len=5, device="cpu",
+                     progress=lambda _: None)
+    assert result["errors"] == [{"model": "tiny", "scheme": "fp16", "batch": None,
+                                 "error": "CUDA out of memory (simulated)"}]
+    (row,) = result["rows"]
+    assert row["scheme"] == "int4-g32" and row["baseline_tokens_per_s"] is None and row["speedup"] is None
+    assert "FAILED: CUDA out of memory" in e2e.format_table(result)
 
 
 def test_greedy_tokens_int4_and_fp16():

@@ -149,7 +149,8 @@ def generate(model, prompt: torch.Tensor, gen_len: int, mode: str) -> Generation
     """Greedy decoding of ``gen_len`` tokens after ``prompt [batch, prompt_len]`` with a static KV cache.
     The first token comes from the prefill, the others from decode steps."""
     if gen_len < WARMUP_STEPS + 2:
-        raise ValueError(f"gen_len must be at least {WARMUP_STEPS + 2} (warm-up decode steps + one timed), got {gen_len}")
+        raise ValueError(f"gen_len must be at least {WARMUP_STEPS + 2} (warm-up decode steps + one timed), "
+                         f"got {gen_len}")
     device = prompt.device
     batch, prompt_len = prompt.shape
 
@@ -189,6 +190,17 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _unless_oom(fn, errors: list, where: dict, progress):
+    """``fn()``, or None after recording an out-of-memory error. Returning (rather than freeing inside
+    the ``except``) lets the traceback, which holds the failed call's tensors, go first."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError as e:
+        progress(f"{where['model']} {where['scheme']} batch {where['batch']}: out of memory")
+        errors.append({**where, "error": str(e)[:2000]})
+    return None
+
+
 def run(models, schemes, batches, prompt_len=128, gen_len=256, device="cuda", mode=None, progress=print) -> dict:
     device = torch.device(device)
     mode = mode or ("compile" if device.type == "cuda" else "eager")
@@ -196,31 +208,27 @@ def run(models, schemes, batches, prompt_len=128, gen_len=256, device="cuda", mo
     for name in models:
         vocab = MODELS[name]["vocab_size"]
         for scheme in schemes:
-            try:
-                model = build_model(name, scheme, device)
-            except torch.OutOfMemoryError as e:  # e.g. a 70B model in fp16 on one 80 GB GPU
-                progress(f"{name} {scheme}: out of memory while building the model")
-                errors.append({"model": name, "scheme": scheme, "batch": None, "error": str(e)[:2000]})
+            # e.g. a 70B model in fp16 on one 80 GB GPU
+            model = _unless_oom(lambda: build_model(name, scheme, device), errors,
+                                {"model": name, "scheme": scheme, "batch": None}, progress)
+            if model is None:
                 _free(device)
                 continue
             for batch in batches:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 prompt = torch.randint(0, vocab, (batch, prompt_len), device=device)
-                try:
-                    gen = generate(model, prompt, gen_len, mode)
-                except torch.OutOfMemoryError as e:
-                    progress(f"{name} {scheme} batch {batch}: out of memory")
-                    errors.append({"model": name, "scheme": scheme, "batch": batch, "error": str(e)[:2000]})
-                    _free(device)
-                    continue
-                tokens_per_s = batch * gen.timed_steps / gen.decode_s
-                rows.append({"model": name, "scheme": scheme, "batch": batch, "prefill_ms": gen.prefill_s * 1e3,
-                             "tokens_per_s": tokens_per_s, "tpot_ms": gen.decode_s / gen.timed_steps * 1e3,
-                             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9
-                             if device.type == "cuda" else None})
-                progress(f"{name} {scheme} batch {batch}: {tokens_per_s:.0f} tok/s, prefill {gen.prefill_s * 1e3:.1f} ms")
-                del gen
+                gen = _unless_oom(lambda: generate(model, prompt, gen_len, mode), errors,
+                                  {"model": name, "scheme": scheme, "batch": batch}, progress)
+                if gen is not None:
+                    tokens_per_s = batch * gen.timed_steps / gen.decode_s
+                    rows.append({"model": name, "scheme": scheme, "batch": batch, "prefill_ms": gen.prefill_s * 1e3,
+                                 "tokens_per_s": tokens_per_s, "tpot_ms": gen.decode_s / gen.timed_steps * 1e3,
+                                 "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9
+                                 if device.type == "cuda" else None})
+                    progress(f"{name} {scheme} batch {batch}: {tokens_per_s:.0f} tok/s, "
+                             f"prefill {gen.prefill_s * 1e3:.1f} ms")
+                del gen, prompt
                 _free(device)
             del model
             _free(device)
