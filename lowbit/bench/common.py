@@ -97,6 +97,8 @@ def run_metadata(device) -> dict:
                                 cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"gpu": torch.cuda.get_device_name(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    device = torch.device(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"gpu": gpu, "device": device.type, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "commit": commit, "torch": torch.__version__, "triton": __import__("triton").__version__,
             "layout": _pack.LAYOUT}

@@ -177,13 +177,6 @@ def generate(model, prompt: torch.Tensor, gen_len: int, mode: str) -> Generation
     return Generation(torch.cat(tokens, dim=1), prefill_s, time.perf_counter() - start, gen_len - 1 - WARMUP_STEPS)
 
 
-def _metadata(device: torch.device) -> dict:
-    if device.type == "cuda":
-        return run_metadata(device)
-    # run_metadata names a GPU; a CPU run (the tests) records what it can.
-    return {"gpu": None, "device": "cpu", "torch": torch.__version__}
-
-
 def _free(device: torch.device) -> None:
     torch._dynamo.reset()  # drops compiled graphs and their CUDA-graph memory pools
     if device.type == "cuda":
@@ -236,7 +229,7 @@ def run(models, schemes, batches, prompt_len=128, gen_len=256, device="cuda", mo
     for r in rows:
         b = baseline.get((r["model"], r["batch"]))
         r["baseline_tokens_per_s"], r["speedup"] = b, None if b is None else r["tokens_per_s"] / b
-    return {"kind": "e2e", **_metadata(device), "decode_mode": mode, "prompt_len": prompt_len, "gen_len": gen_len,
+    return {"kind": "e2e", **run_metadata(device), "decode_mode": mode, "prompt_len": prompt_len, "gen_len": gen_len,
             "rows": rows, "errors": errors}
 
 
