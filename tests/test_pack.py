@@ -1,0 +1,211 @@
+"""lowbit.pack: the storage layout (tiled-planes-v2) and its exact inverse.
+
+Expected words are derived here by hand from the layout's description, not from pack_codes:
+K is cut into tiles of 128; a B-bit code is split into segments of 8/4/2/1 bits (most
+significant first); every segment stores D = 16 * (narrowest segment) words per row and tile,
+word i holding the segment bits of k = 128 t + D j + i at bits s*j .. s*j+s-1.
+"""
+
+import math
+
+import pytest
+import torch
+
+from lowbit import pack
+
+BITS = list(range(2, 9))
+KS = [1, 100, 127, 128, 129, 576, 1000]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread is faster (and steadier on a busy 2-core runner)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+# Per bit width, by hand: (segment width, word dtype, words per row and tile) of each segment.
+LAYOUT_BY_HAND = {
+    8: [(8, torch.uint8, 128)],
+    7: [(4, torch.int32, 16), (2, torch.int16, 16), (1, torch.uint8, 16)],
+    6: [(4, torch.int16, 32), (2, torch.uint8, 32)],
+    5: [(4, torch.int32, 16), (1, torch.uint8, 16)],
+    4: [(4, torch.uint8, 64)],
+    3: [(2, torch.int16, 16), (1, torch.uint8, 16)],
+    2: [(2, torch.uint8, 32)],
+}
+
+
+def random_codes(n, k, bits, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.int64).to(torch.uint8)
+
+
+def unsigned(word: int, width: int) -> int:
+    return word & ((1 << width) - 1)
+
+
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"int{b}")
+def test_segments_by_hand(bits):
+    want = LAYOUT_BY_HAND[bits]
+    assert pack.SEGMENTS[bits] == tuple(s for s, _, _ in want)
+    assert sum(pack.SEGMENTS[bits]) == bits
+    for s, dt, words in want:
+        assert pack.segment_dtype(bits, s) == dt
+        assert pack.plane_depth(bits) == words
+        # no waste: a row's tile of a segment is exactly 128 * s bits
+        assert words * torch.iinfo(dt).bits == 128 * s
+    for n, k in [(1, 1), (3, 128), (5, 129), (2, 1000)]:
+        assert pack.segment_shape(n, k, bits) == (n, math.ceil(k / 128) * want[0][2])
+
+
+@pytest.mark.parametrize("k", KS, ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"int{b}")
+def test_round_trip(bits, k):
+    n = 1 + (bits * 7 + k) % 9
+    codes = random_codes(n, k, bits, seed=bits * 1000 + k)
+    packed = pack.pack_codes(codes, bits)
+    want = LAYOUT_BY_HAND[bits]
+    assert isinstance(packed, tuple) and len(packed) == len(want)
+    tiles = math.ceil(k / 128)
+    for t, (s, dt, words) in zip(packed, want):
+        assert t.dtype == dt and tuple(t.shape) == (n, tiles * words) == pack.segment_shape(n, k, bits)
+        assert t.is_contiguous()
+    total_bytes = sum(t.numel() * t.element_size() for t in packed)
+    assert total_bytes == n * tiles * 128 * bits // 8  # exactly B bits per (padded) weight
+    out = pack.unpack_codes(packed, bits, k)
+    assert out.dtype == torch.uint8 and out.shape == (n, k)
+    assert torch.equal(out, codes)
+    # the padding of the last tile is code 0
+    full = pack.unpack_codes(packed, bits, tiles * 128)
+    assert torch.equal(full[:, :k], codes) and not full[:, k:].any()
+
+
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("fill", ["zeros", "max"])
+def test_round_trip_extremes(bits, fill):
+    """All-ones codes set the sign bit of the int16/int32 words."""
+    codes = torch.full((3, 300), 0 if fill == "zeros" else (1 << bits) - 1, dtype=torch.uint8)
+    packed = pack.pack_codes(codes, bits)
+    assert torch.equal(pack.unpack_codes(packed, bits, 300), codes)
+    if fill == "max":
+        for (s, dt, _), t in zip(LAYOUT_BY_HAND[bits], packed):
+            if dt != torch.uint8:
+                assert (t[:, : t.shape[1] * 2 // 3] == -1).all()  # whole tiles: every bit set
+
+
+def test_int4_layout_spot_check():
+    """int4: byte i of tile t in row n = code(k=128t+i) | code(k=128t+64+i) << 4."""
+    n, k = 3, 576  # 4.5 tiles: the high nibbles of the last tile are padding
+    codes = random_codes(n, k, 4, seed=42)
+    (p,) = pack.pack_codes(codes, 4)
+    assert p.dtype == torch.uint8 and p.shape == (3, 5 * 64)
+    c = codes.tolist()
+    for row in range(n):
+        for t in range(5):
+            for i in range(64):
+                lo_k, hi_k = 128 * t + i, 128 * t + 64 + i
+                lo = c[row][lo_k] if lo_k < k else 0
+                hi = c[row][hi_k] if hi_k < k else 0
+                assert int(p[row, 64 * t + i]) == lo | (hi << 4), (row, t, i)
+    # one by hand: row 1, tile 2, byte 5 holds k=261 (low) and k=325 (high)
+    assert int(p[1, 133]) == c[1][261] + 16 * c[1][325]
+
+
+def test_int8_layout_is_plain_bytes():
+    codes = random_codes(2, 300, 8, seed=1)
+    (p,) = pack.pack_codes(codes, 8)
+    assert torch.equal(p[:, :300], codes) and not p[:, 300:].any()
+
+
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"int{b}")
+def test_layout_every_word_by_hand(bits):
+    """Every word of every segment, from the layout's definition in plain Python."""
+    n, k = 2, 200
+    codes = random_codes(n, k, bits, seed=bits)
+    packed = pack.pack_codes(codes, bits)
+    c = codes.tolist()
+    shift = bits
+    for (s, dt, depth), t in zip(LAYOUT_BY_HAND[bits], packed):
+        shift -= s  # this segment holds code bits shift .. shift+s-1
+        planes = 128 // depth
+        width = torch.iinfo(dt).bits
+        words = t.tolist()
+        for row in range(n):
+            for tile in range(2):
+                for i in range(depth):
+                    want = 0
+                    for j in range(planes):
+                        kk = 128 * tile + depth * j + i
+                        code = c[row][kk] if kk < k else 0
+                        want |= ((code >> shift) & ((1 << s) - 1)) << (s * j)
+                    got = unsigned(words[row][tile * depth + i], width)
+                    assert got == want, (bits, s, row, tile, i)
+    assert shift == 0
+
+
+def test_padded_k():
+    assert [pack.padded_k(k) for k in (1, 127, 128, 129, 576, 1000)] == [128, 128, 128, 256, 640, 1024]
+    assert pack.TILE_K == 128 and pack.LAYOUT == "tiled-planes-v2"
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("codes,bits,msg", [
+    (torch.zeros(2, 8, dtype=torch.int16), 4, "uint8"),
+    (torch.zeros(2, 8, dtype=torch.float32), 4, "uint8"),
+    (torch.zeros(8, dtype=torch.uint8), 4, r"\[N, K\]"),
+    (torch.zeros(2, 2, 8, dtype=torch.uint8), 4, r"\[N, K\]"),
+    (torch.zeros(2, 8, dtype=torch.uint8), 1, "2 to 8"),
+    (torch.zeros(2, 8, dtype=torch.uint8), 9, "2 to 8"),
+], ids=["int16", "float", "1-D", "3-D", "bits1", "bits9"])
+def test_pack_rejects(codes, bits, msg):
+    with pytest.raises(ValueError, match=msg):
+        pack.pack_codes(codes, bits)
+
+
+def test_pack_rejects_codes_out_of_range():
+    """A code of more than ``bits`` bits cannot be stored: it must be an error, not silently truncated."""
+    for bits in range(2, 8):
+        codes = torch.zeros(2, 10, dtype=torch.uint8)
+        codes[1, 3] = 1 << bits
+        with pytest.raises(ValueError, match="range"):
+            pack.pack_codes(codes, bits)
+
+
+def _wrong_packed():
+    n, k = 4, 300
+    p7 = pack.pack_codes(random_codes(n, k, 7, 0), 7)
+    p4 = pack.pack_codes(random_codes(n, k, 4, 0), 4)
+    return {
+        "int7-missing-segment": (p7[:2], 7, k, "3 packed segments"),
+        "int7-extra-segment": (p7 + p7[:1], 7, k, "3 packed segments"),
+        "int7-seg0-dtype": ((p7[0].to(torch.int16), p7[1], p7[2]), 7, k, "4-bit segment"),
+        "int7-seg1-shape": ((p7[0], p7[1][:, :-1], p7[2]), 7, k, "2-bit segment"),
+        "int7-seg2-rows": ((p7[0], p7[1], p7[2][:-1]), 7, k, "1-bit segment"),
+        "int7-k-too-big": (p7, 7, 400, "expected"),
+        "int7-k-too-small": (p7, 7, 100, "expected"),
+        "int4-as-int8": (p4, 8, k, "8-bit segment"),
+        "int4-as-int2": (p4, 2, k, "2-bit segment"),
+        "int4-as-int6": (p4, 6, k, "2 packed segments"),
+        "int4-int8-words": ((p4[0].view(torch.int8),), 4, k, "4-bit segment"),
+        "int4-transposed": ((p4[0].T.contiguous(),), 4, k, "4-bit segment"),
+        "int4-3d": ((p4[0].unsqueeze(0),), 4, k, "4-bit segment"),
+        "bits9": (p4, 9, k, "9-bit"),
+        "bits1": (p4, 1, k, "1-bit"),
+    }
+
+
+WRONG = ["int7-missing-segment", "int7-extra-segment", "int7-seg0-dtype", "int7-seg1-shape", "int7-seg2-rows",
+         "int7-k-too-big", "int7-k-too-small", "int4-as-int8", "int4-as-int2", "int4-as-int6", "int4-int8-words",
+         "int4-transposed", "int4-3d", "bits9", "bits1"]
+
+
+@pytest.mark.parametrize("case", WRONG)
+def test_unpack_rejects(case):
+    cases = _wrong_packed()
+    assert sorted(cases) == sorted(WRONG)
+    packed, bits, k, msg = cases[case]
+    with pytest.raises(ValueError, match=msg):
+        pack.unpack_codes(packed, bits, k)
