@@ -347,6 +347,14 @@ def test_load_foreign_gptq_model(gptq_dir):
         torch.testing.assert_close(model(ids).logits.float(), reference.float()(ids).logits, atol=2e-2, rtol=1e-2)
 
 
+def test_load_quantized_imports_a_gptq_directory(gptq_dir):
+    src, _, _, _ = gptq_dir
+    expected = load_foreign(src).state_dict()
+    state = lowbit.load_quantized(src).state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
 def test_convert_writes_a_lowbit_checkpoint(gptq_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

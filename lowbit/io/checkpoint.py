@@ -561,6 +561,18 @@ def _check_perms(layers: dict[str, _LayerSpec], tensors: dict[str, torch.Tensor]
                                       f"permutation of 0..{spec.shape[1] - 1}")
 
 
+def _import_foreign(root: Path, dtype: torch.dtype | None) -> nn.Module | None:
+    """The model of a GPTQ/AWQ/compressed-tensors directory (repacked, not re-quantized), else None."""
+    from .importers import detect_format, load_foreign
+
+    try:
+        if detect_format(root) is None:
+            return None
+        return load_foreign(root, **({} if dtype is None else {"dtype": dtype}))
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"{root}: {err}") from err
+
+
 def load_quantized(dir, model: nn.Module | None = None, verify: bool = False, device="cpu",
                    dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized`, without re-quantizing.
@@ -568,7 +580,8 @@ def load_quantized(dir, model: nn.Module | None = None, verify: bool = False, de
     ``model=None`` builds the Hugging Face architecture named by ``config.json`` (parameters on the meta
     device, then the stored tensors assigned); otherwise ``model`` is a skeleton (an instance of the
     saved module's class, weights irrelevant) whose listed ``nn.Linear`` become QuantLinear in place.
-    ``verify=True`` also checks every tensor's SHA-256. ``dtype`` casts the unquantized floating tensors
+    ``verify=True`` also checks every tensor's SHA-256. A GPTQ, AWQ or compressed-tensors directory is
+    imported instead (:func:`lowbit.io.importers.load_foreign`). ``dtype`` casts the unquantized floating tensors
     (embeddings, norms, unquantized linears); quantized layers keep their stored tensors.
     Returns the model on ``device`` in eval mode; raises :class:`CheckpointError` on any defect.
     """
@@ -579,6 +592,11 @@ def load_quantized(dir, model: nn.Module | None = None, verify: bool = False, de
         raise CheckpointError(f"{root}: not a directory")
     config_path = root / CONFIG_NAME
     config = _read_json_object(config_path)
+    quant = config.get("quantization_config")
+    if quant is None or (isinstance(quant, dict) and quant.get("quant_method") != "lowbit"):
+        foreign = _import_foreign(root, dtype)
+        if foreign is not None:
+            return foreign.to(device).eval()
     layers = _quantized_layers(config, config_path)
     stored = _stored_tensors(root)
     for name, spec in layers.items():
