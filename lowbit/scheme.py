@@ -71,7 +71,7 @@ class Scheme:
         fmt, gran, *flags = parts
         if gran == "channel":
             group = -1
-        elif gran.startswith("g") and gran[1:].isdigit():
+        elif gran.startswith("g") and gran[1:].isascii() and gran[1:].isdigit():
             group = int(gran[1:])
         else:
             raise ValueError(f"scheme {text!r}: granularity must be gG (e.g. g128) or 'channel', got {gran!r}")

@@ -121,7 +121,7 @@ class FloatFormat(Format):
         return float(self._magnitudes[1])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_encode_input(x).to(torch.float64)
+        x = _check_encode_input(x).to(torch.float64).contiguous()
         mags = self._magnitudes.to(x.device)
         a = x.abs().clamp_(max=mags[-1])
         mids = (mags[1:] + mags[:-1]) / 2  # exact in float64

@@ -67,6 +67,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
         raise ValueError(f"pack_codes expects uint8 codes of shape [N, K], got {codes.dtype} {tuple(codes.shape)}")
     if bits not in SEGMENTS:
         raise ValueError(f"pack_codes supports 2 to 8 bits, got {bits}")
+    if codes.numel() and int(codes.max()) >= (1 << bits):
+        raise ValueError(f"pack_codes: code {int(codes.max())} is out of range for {bits}-bit codes "
+                         f"(0..{(1 << bits) - 1})")
     n, k = codes.shape
     kp = padded_k(k)
     c = torch.zeros(n, kp, dtype=torch.int64, device=codes.device)

@@ -34,7 +34,10 @@ def _store_scales(s: torch.Tensor, scheme: Scheme, weight_dtype: torch.dtype) ->
         e = torch.floor(torch.log2(s)).clamp_(-127, 127).to(torch.int32) + 127
         return e.to(torch.uint8), torch.ldexp(torch.ones_like(s), e - 127)
     fi = torch.finfo(sd)
-    stored = s.clamp(fi.tiny, fi.max).to(sd)
+    # Integer grids are not scale-invariant: a scale below the smallest normal (fp16: 6.1e-5) is
+    # stored as a subnormal rather than rounded up to it (float grids barely lose from the latter).
+    lowest = fi.tiny if scheme.fmt.is_float else fi.tiny * fi.eps
+    stored = s.clamp(lowest, fi.max).to(sd)
     return stored, stored.to(torch.float32)
 
 
