@@ -18,13 +18,7 @@ INTS = [n for n in ALL if n.startswith("int")]
 E4M3 = "fp8_e4m3"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster (and steadier on a busy 2-core runner)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _split(name):

@@ -16,13 +16,7 @@ SCHEMES = ["int4-g32-asym", "int3-g64", "int8-channel", "fp6_e3m2-channel", "fp4
 DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster (and steadier on a busy 2-core runner)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_linear(in_f, out_f, bias=True, dtype=torch.float32, seed=0):

@@ -17,13 +17,7 @@ BITS = list(range(2, 9))
 KS = [1, 100, 127, 128, 129, 576, 1000]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster (and steadier on a busy 2-core runner)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Per bit width, by hand: (segment width, word dtype, words per row and tile) of each segment.
 LAYOUT_BY_HAND = {
