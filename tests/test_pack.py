@@ -13,7 +13,7 @@ import torch
 
 from lowbit import pack
 
-BITS = list(range(2, 9))
+BITS = [2, 3, 4, 5, 6, 7, 8, 10]  # 10: 2:4 sparse codes of 8-bit formats (value and position)
 KS = [1, 100, 127, 128, 129, 576, 1000]
 
 
@@ -21,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Per bit width, by hand: (segment width, word dtype, words per row and tile) of each segment.
 LAYOUT_BY_HAND = {
+    10: [(8, torch.int32, 32), (2, torch.uint8, 32)],
     8: [(8, torch.uint8, 128)],
     7: [(4, torch.int32, 16), (2, torch.int16, 16), (1, torch.uint8, 16)],
     6: [(4, torch.int16, 32), (2, torch.uint8, 32)],
@@ -33,7 +34,7 @@ LAYOUT_BY_HAND = {
 
 def random_codes(n, k, bits, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.int64).to(torch.uint8)
+    return torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.int64).to(pack.code_dtype(bits))
 
 
 def unsigned(word: int, width: int) -> int:
@@ -69,7 +70,7 @@ def test_round_trip(bits, k):
     total_bytes = sum(t.numel() * t.element_size() for t in packed)
     assert total_bytes == n * tiles * 128 * bits // 8  # exactly B bits per (padded) weight
     out = pack.unpack_codes(packed, bits, k)
-    assert out.dtype == torch.uint8 and out.shape == (n, k)
+    assert out.dtype == pack.code_dtype(bits) and out.shape == (n, k)
     assert torch.equal(out, codes)
     # the padding of the last tile is code 0
     full = pack.unpack_codes(packed, bits, tiles * 128)
@@ -80,7 +81,7 @@ def test_round_trip(bits, k):
 @pytest.mark.parametrize("fill", ["zeros", "max"])
 def test_round_trip_extremes(bits, fill):
     """All-ones codes set the sign bit of the int16/int32 words."""
-    codes = torch.full((3, 300), 0 if fill == "zeros" else (1 << bits) - 1, dtype=torch.uint8)
+    codes = torch.full((3, 300), 0 if fill == "zeros" else (1 << bits) - 1, dtype=pack.code_dtype(bits))
     packed = pack.pack_codes(codes, bits)
     assert torch.equal(pack.unpack_codes(packed, bits, 300), codes)
     if fill == "max":
@@ -151,9 +152,10 @@ def test_padded_k():
     (torch.zeros(2, 8, dtype=torch.float32), 4, "uint8"),
     (torch.zeros(8, dtype=torch.uint8), 4, r"\[N, K\]"),
     (torch.zeros(2, 2, 8, dtype=torch.uint8), 4, r"\[N, K\]"),
-    (torch.zeros(2, 8, dtype=torch.uint8), 1, "2 to 8"),
-    (torch.zeros(2, 8, dtype=torch.uint8), 9, "2 to 8"),
-], ids=["int16", "float", "1-D", "3-D", "bits1", "bits9"])
+    (torch.zeros(2, 8, dtype=torch.uint8), 10, "int16"),
+    (torch.zeros(2, 8, dtype=torch.uint8), 1, "supports"),
+    (torch.zeros(2, 8, dtype=torch.uint8), 9, "supports"),
+], ids=["int16", "float", "1-D", "3-D", "uint8-for-10-bits", "bits1", "bits9"])
 def test_pack_rejects(codes, bits, msg):
     with pytest.raises(ValueError, match=msg):
         pack.pack_codes(codes, bits)
@@ -161,8 +163,8 @@ def test_pack_rejects(codes, bits, msg):
 
 def test_pack_rejects_codes_out_of_range():
     """A code of more than ``bits`` bits cannot be stored: it must be an error, not silently truncated."""
-    for bits in range(2, 8):
-        codes = torch.zeros(2, 10, dtype=torch.uint8)
+    for bits in [2, 3, 4, 5, 6, 7, 10]:
+        codes = torch.zeros(2, 10, dtype=pack.code_dtype(bits))
         codes[1, 3] = 1 << bits
         with pytest.raises(ValueError, match="range"):
             pack.pack_codes(codes, bits)

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TILE_K", "LAYOUT", "SEGMENTS", "padded_k", "plane_depth", "pack_codes", "unpack_codes", "segment_dtype",
+__all__ = ["TILE_K", "LAYOUT", "SEGMENTS", "padded_k", "plane_depth", "code_dtype", "pack_codes", "unpack_codes", "segment_dtype",
            "segment_shape"]
 
 LAYOUT = "tiled-planes-v2"
 TILE_K = 128
+ROW_BLOCK = 1
 
-SEGMENTS = {8: (8,), 7: (4, 2, 1), 6: (4, 2), 5: (4, 1), 4: (4,), 3: (2, 1), 2: (2,)}
+# 10 bits: an 8-bit value and a 2-bit position (2:4 sparse schemes of 8-bit formats).
+SEGMENTS = {10: (8, 2), 8: (8,), 7: (4, 2, 1), 6: (4, 2), 5: (4, 1), 4: (4,), 3: (2, 1), 2: (2,)}
 _WORD_DTYPES = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
 
 
@@ -61,12 +63,20 @@ def _segment_shifts(bits: int) -> list[tuple[int, int]]:
     return out
 
 
+def code_dtype(bits: int) -> torch.dtype:
+    """dtype of unpacked ``bits``-bit codes: uint8 up to 8 bits, int16 above."""
+    return torch.uint8 if bits <= 8 else torch.int16
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
-    """``codes [N, K]`` (uint8, each < 2**bits) -> one tensor per segment, in kernel layout."""
-    if codes.dtype != torch.uint8 or codes.dim() != 2:
-        raise ValueError(f"pack_codes expects uint8 codes of shape [N, K], got {codes.dtype} {tuple(codes.shape)}")
+    """``codes [N, K]`` (:func:`code_dtype`, each < 2**bits) -> one tensor per segment, in kernel layout."""
     if bits not in SEGMENTS:
-        raise ValueError(f"pack_codes supports 2 to 8 bits, got {bits}")
+        raise ValueError(f"pack_codes supports {sorted(SEGMENTS)} bits, got {bits}")
+    if codes.dtype != code_dtype(bits) or codes.dim() != 2:
+        raise ValueError(f"pack_codes expects {code_dtype(bits)} codes of shape [N, K] for {bits} bits, "
+                         f"got {codes.dtype} {tuple(codes.shape)}")
+    if codes.numel() and int(codes.min()) < 0:
+        raise ValueError(f"pack_codes: code {int(codes.min())} is negative")
     if codes.numel() and int(codes.max()) >= (1 << bits):
         raise ValueError(f"pack_codes: code {int(codes.max())} is out of range for {bits}-bit codes "
                          f"(0..{(1 << bits) - 1})")
@@ -92,7 +102,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
 
 
 def unpack_codes(packed: tuple[torch.Tensor, ...], bits: int, k: int) -> torch.Tensor:
-    """Exact inverse of :func:`pack_codes`: ``[N, K]`` uint8 codes."""
+    """Exact inverse of :func:`pack_codes`: ``[N, K]`` codes of :func:`code_dtype`."""
     if bits not in SEGMENTS or len(packed) != len(SEGMENTS[bits]):
         raise ValueError(f"{bits}-bit codes need {len(SEGMENTS.get(bits, ()))} packed segments, got {len(packed)}")
     n = packed[0].shape[0]
@@ -100,13 +110,13 @@ def unpack_codes(packed: tuple[torch.Tensor, ...], bits: int, k: int) -> torch.T
     depth = plane_depth(bits)
     planes = TILE_K // depth
     expected = segment_shape(n, k, bits)
-    code = torch.zeros(n, kp, dtype=torch.uint8, device=packed[0].device)
+    code = torch.zeros(n, kp, dtype=code_dtype(bits), device=packed[0].device)
     for (s, shift), words in zip(_segment_shifts(bits), packed):
         if tuple(words.shape) != expected or words.dtype != segment_dtype(bits, s):
             raise ValueError(f"packed {s}-bit segment: expected {segment_dtype(bits, s)} {expected}, "
                              f"got {words.dtype} {tuple(words.shape)}")
         w = words.to(torch.int32).view(n, kp // TILE_K, 1, depth)  # int32: fewer bytes than int64 on the CPU path
         shifts = (torch.arange(planes, device=w.device, dtype=torch.int32) * s).view(1, 1, -1, 1)
-        seg = ((w >> shifts) & ((1 << s) - 1)).to(torch.uint8).reshape(n, kp)
+        seg = ((w >> shifts) & ((1 << s) - 1)).to(code.dtype).reshape(n, kp)
         code |= seg << shift if shift else seg
     return code[:, :k]
