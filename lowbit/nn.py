@@ -8,9 +8,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import pack as _pack
 from .ops import BACKENDS
-from .qweight import QuantizedWeight
+from .qweight import QuantizedWeight, packed_layout
 from .quantize import quantize
 from .quantize.rtn import scale_storage_dtype
 from .scheme import Scheme
@@ -34,11 +33,9 @@ class QuantLinear(nn.Module):
         self.backend = "auto"
         groups = 1 if self.scheme.per_channel else -(-self.in_features // self.scheme.group_size)
         self._packed_names = []
-        for i, s in enumerate(_pack.SEGMENTS[self.scheme.bits]):
+        for i, (shape, packed_dtype) in enumerate(packed_layout(self.scheme, self.out_features, self.in_features)):
             name = f"packed_{i}"
-            self.register_buffer(name, torch.zeros(_pack.segment_shape(self.out_features, self.in_features, self.scheme.bits),
-                                                   dtype=_pack.segment_dtype(self.scheme.bits, s),
-                                                   device=device))
+            self.register_buffer(name, torch.zeros(shape, dtype=packed_dtype, device=device))
             self._packed_names.append(name)
         self.register_buffer("scales", torch.ones(groups, self.out_features, device=device,
                                                   dtype=scale_storage_dtype(self.scheme, dtype)))

@@ -5,11 +5,19 @@ from __future__ import annotations
 import torch
 
 from . import pack as _pack
+from . import sparsity as _sparsity
 from .scheme import Scheme
 
-__all__ = ["QuantizedWeight"]
+__all__ = ["QuantizedWeight", "packed_layout"]
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def packed_layout(scheme: Scheme, n: int, k: int) -> list[tuple[tuple[int, int], torch.dtype]]:
+    """(shape, dtype) of each packed segment tensor of an ``[n, k]`` weight under ``scheme``."""
+    bits = scheme.code_bits
+    shape = _pack.segment_shape(n, scheme.stored_columns(k), bits)
+    return [(shape, _pack.segment_dtype(bits, s)) for s in _pack.SEGMENTS[bits]]
 
 
 class QuantizedWeight:
@@ -17,7 +25,8 @@ class QuantizedWeight:
 
     Tensors (all in the kernels' layout, see :mod:`lowbit.pack`):
 
-    * ``packed``: one tensor per bit segment of the codes.
+    * ``packed``: one tensor per bit segment of the codes. 2:4 sparse schemes store, per row, two
+      ``(value_code << 2) | position`` codes per group of four inputs (see :mod:`lowbit.sparsity`).
     * ``scales``: ``[groups, out_features]`` (group-major, so a tile of rows reads contiguous
       scales). float16/bfloat16 following the weight for group scales, float32 for per-channel
       scales, uint8 E8M0 exponents for ``mx`` schemes.
@@ -70,14 +79,13 @@ class QuantizedWeight:
             raise ValueError(f"QuantizedWeight shape must be positive, got {self.shape}")
         if self.dtype not in _ACT_DTYPES:
             raise ValueError(f"QuantizedWeight dtype must be float16, bfloat16 or float32, got {self.dtype}")
-        segs = _pack.SEGMENTS[self.scheme.bits]
-        if len(self.packed) != len(segs):
-            raise ValueError(f"packed: {self.scheme} needs {len(segs)} segment tensor(s), got {len(self.packed)}")
-        for i, (s, t) in enumerate(zip(segs, self.packed)):
-            want = _pack.segment_shape(n, k, self.scheme.bits)
-            if tuple(t.shape) != want or t.dtype != _pack.segment_dtype(self.scheme.bits, s):
-                raise ValueError(f"packed[{i}] ({s}-bit segment): expected "
-                                 f"{_pack.segment_dtype(self.scheme.bits, s)} {want}, "
+        layout = packed_layout(self.scheme, n, k)
+        if len(self.packed) != len(layout):
+            raise ValueError(f"packed: {self.scheme} needs {len(layout)} segment tensor(s), got {len(self.packed)}")
+        segs = _pack.SEGMENTS[self.scheme.code_bits]
+        for i, (s, t, (shape, dtype)) in enumerate(zip(segs, self.packed, layout)):
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(f"packed[{i}] ({s}-bit segment): expected {dtype} {shape}, "
                                  f"got {t.dtype} {tuple(t.shape)}")
         want = (self.num_groups, n)
         if tuple(self.scales.shape) != want or self.scales.dtype != self.expected_scale_dtype():
@@ -87,6 +95,9 @@ class QuantizedWeight:
             raise ValueError(f"zeros: {'not expected' if self.scheme.symmetric else 'required'} for {self.scheme}")
         if self.zeros is not None and (tuple(self.zeros.shape) != want or self.zeros.dtype != torch.uint8):
             raise ValueError(f"zeros: expected uint8 {want}, got {self.zeros.dtype} {tuple(self.zeros.shape)}")
+        if self.perm is not None and self.scheme.sparsity:
+            raise ValueError(f"perm: {self.scheme} is 2:4 sparse, whose groups of four are consecutive inputs; "
+                             "act-order (a column permutation) cannot be combined with it")
         if self.perm is not None and (tuple(self.perm.shape) != (k,) or self.perm.dtype != torch.int64):
             raise ValueError(f"perm: expected int64 ({k},), got {self.perm.dtype} {tuple(self.perm.shape)}")
         devices = {t.device for t in self.tensors().values()}
@@ -119,7 +130,7 @@ class QuantizedWeight:
         if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(d, int) for d in shape)):
             raise ValueError(f"shape must be two integers, got {shape!r}")
         scheme = Scheme.parse(meta.get("scheme"))
-        nseg = len(_pack.SEGMENTS[scheme.bits])
+        nseg = len(_pack.SEGMENTS[scheme.code_bits])
         names = [f"packed_{i}" for i in range(nseg)] + ["scales"]
         names += [] if scheme.symmetric else ["zeros"]
         missing = [n for n in names if n not in tensors]
@@ -133,8 +144,10 @@ class QuantizedWeight:
 
     # -- values ------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
-        """Unpacked codes ``[out, in]`` (uint8), in stored column order."""
-        return _pack.unpack_codes(self.packed, self.scheme.bits, self.in_features)
+        """Unpacked codes ``[out, in]`` (uint8), in stored column order; for 2:4 sparse schemes the
+        stored ``(value_code << 2) | position`` codes ``[out, scheme.stored_columns(in)]``
+        (:func:`lowbit.pack.code_dtype` of ``scheme.code_bits``)."""
+        return _pack.unpack_codes(self.packed, self.scheme.code_bits, self.scheme.stored_columns(self.in_features))
 
     def scale_values(self) -> torch.Tensor:
         """Scales as float32 ``[groups, out]`` (E8M0 exponents decoded for mx)."""
@@ -144,10 +157,13 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weights ``[out, in]`` in original column order: ``decode(codes - zero) * scale``
-        computed in float32 (exact), then rounded to ``dtype`` (default: the weight's dtype)."""
+        computed in float32 (exact), then rounded to ``dtype`` (default: the weight's dtype).
+        2:4 sparse schemes: the kept values at their positions, exact zeros elsewhere."""
         from .quantize.rtn import decode_codes  # the one definition of code -> value
 
         k = self.in_features
+        if self.scheme.sparsity:
+            return self._sparse_dense_values().to(dtype or self.dtype)
         g = k if self.scheme.per_channel else self.scheme.group_size
 
         def per_column(t: torch.Tensor) -> torch.Tensor:  # [groups, n] -> [n, k]
@@ -159,11 +175,26 @@ class QuantizedWeight:
             w = torch.empty_like(w).index_copy_(1, self.perm, w)
         return w.to(dtype or self.dtype)
 
+    def _sparse_dense_values(self) -> torch.Tensor:
+        """float32 ``[out, in]`` of a 2:4 sparse weight: each kept value decoded with the scale (and
+        zero point) of its dense column's group, scattered to that column."""
+        from .quantize.rtn import decode_codes
+
+        value_codes, positions = _sparsity.split_codes(self.codes())
+        columns = _sparsity.dense_columns(positions)
+        groups = torch.zeros_like(columns) if self.scheme.per_channel else columns // self.scheme.group_size
+        scales = self.scale_values().T.gather(1, groups)
+        zeros = None if self.zeros is None else self.zeros.T.gather(1, groups)
+        values = decode_codes(value_codes, self.scheme, scales, zeros)
+        return _sparsity.scatter(values, columns, self.in_features)
+
     @property
     def bits_per_weight(self) -> float:
-        """Payload bits per weight: codes, scales and zero points (not the kernel layout's padding of K)."""
+        """Payload bits per weight: codes, scales and zero points (not the kernel layout's padding of K;
+        2:4 sparse schemes: ``bits + 2`` per kept value, two per group of four)."""
         n, k = self.shape
-        bits = self.scheme.bits * n * k + (self.scales.element_size() * 8) * self.scales.numel()
+        bits = self.scheme.code_bits * n * self.scheme.stored_columns(k)
+        bits += self.scales.element_size() * 8 * self.scales.numel()
         if self.zeros is not None:
             bits += 8 * self.zeros.numel()
         return bits / (n * k)

@@ -9,7 +9,8 @@ Grammar of ``Scheme.parse`` (and of ``str(scheme)``)::
                  | channel (one scale per output row)
     asym         integer formats only: a zero point per group
     mx           power-of-two (E8M0) scales, as the OCP MX formats (float formats, g32)
-    2:4          two non-zeros in every four consecutive input weights
+    2:4          two non-zeros in every four consecutive input weights (see lowbit.sparsity):
+                 stores (bits + 2)-bit codes, so every format but the 7-bit ones
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import formats as _formats
+from . import pack as _pack
+from . import sparsity as _sparsity
 
 __all__ = ["Scheme"]
 
@@ -41,6 +44,10 @@ class Scheme:
             raise ValueError(f"asymmetric (zero-point) quantization is for integer formats only, not {fmt.name}")
         if self.sparsity not in (None, "2:4"):
             raise ValueError(f"sparsity must be None or '2:4', got {self.sparsity!r}")
+        if self.sparsity and fmt.bits + _sparsity.POSITION_BITS not in _pack.SEGMENTS:
+            raise ValueError(f"{fmt.name} has no 2:4 variant: 2:4 stores each kept value with its 2-bit position "
+                             f"({fmt.bits + _sparsity.POSITION_BITS}-bit codes), and the layout packs "
+                             f"{sorted(_pack.SEGMENTS)}-bit codes; choose a format of 2 to 6 or of 8 bits")
         if self.mx and not fmt.is_float:
             raise ValueError("mx (power-of-two) scales are for floating formats only")
         if self.mx and g == -1:
@@ -57,6 +64,15 @@ class Scheme:
     @property
     def per_channel(self) -> bool:
         return self.group_size == -1
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of a stored code: the format's, plus the 2-bit position for 2:4 sparse schemes."""
+        return self.bits + (_sparsity.POSITION_BITS if self.sparsity else 0)
+
+    def stored_columns(self, in_features: int) -> int:
+        """Columns of stored codes for ``in_features`` dense columns (2:4: two per group of four)."""
+        return _sparsity.stored_columns(in_features) if self.sparsity else in_features
 
     @classmethod
     def parse(cls, text: "str | Scheme") -> "Scheme":

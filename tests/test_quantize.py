@@ -369,12 +369,6 @@ def test_bad_method_and_options():
         lowbit.quantize(w, "int4-g48")
 
 
-@pytest.mark.parametrize("scheme", ["int4-g128-2:4", "fp4_e2m1-g32-mx-2:4"])
-def test_sparsity_not_implemented(scheme):
-    with pytest.raises(NotImplementedError, match="2:4"):
-        lowbit.quantize(torch.randn(8, 128), scheme)
-
-
 def test_scheme_object_and_string_agree():
     w = rand_weight((8, 200), torch.float16, 1)
     a = lowbit.quantize(w, "int4-g64-asym")

@@ -6,9 +6,10 @@ Format (``format_version`` 1), a Hugging Face model directory:
   ``model.safetensors.index.json`` (``{"metadata": {"total_size": bytes}, "weight_map": {key: file}}``).
 * The keys are ``model.state_dict()``'s, tied duplicates dropped (``lm_head.weight`` when tied to the
   embeddings): a QuantLinear ``<name>`` stores ``<name>.packed_0``.., ``.scales``, ``.zeros``
-  (asymmetric schemes), ``.perm`` (act-order) and ``.bias`` in the layout of :mod:`lowbit.pack`;
-  every other tensor as the model holds it. A Hugging Face quantizer that swaps ``nn.Linear`` for
-  QuantLinear before loading reads the files without any key conversion.
+  (asymmetric schemes), ``.perm`` (act-order) and ``.bias`` in the layout of :mod:`lowbit.pack`
+  (2:4 sparse schemes: the compressed codes of :mod:`lowbit.sparsity`); every other tensor as the
+  model holds it. A Hugging Face quantizer that swaps ``nn.Linear`` for QuantLinear before loading
+  reads the files without any key conversion.
 * Each shard's header metadata holds ``"format": "pt"`` and, for every tensor in that shard,
   ``"lowbit.sha256.<key>"``: the SHA-256 (lowercase hex) of the tensor's raw little-endian bytes.
 * ``config.json``: the model's config (Hugging Face models; nothing else for a plain nn.Module) plus
@@ -17,9 +18,10 @@ Format (``format_version`` 1), a Hugging Face model directory:
   "act_order"}}, "modules_to_not_convert": [names of nn.Linear left unquantized]}``.
 
 Loading reads only JSON and safetensors (nothing is unpickled) and checks every header, key, dtype
-and shape before building the model; any defect raises :class:`CheckpointError` naming the file and
-the tensor or field, and no half-built model is returned (a ``model=`` skeleton gets its original
-modules back). Unquantized floating tensors keep the floating dtype they were stored in.
+and shape before building the model, then the act-order permutations and 2:4 positions it read;
+any defect raises :class:`CheckpointError` naming the file and the tensor or field, and no
+half-built model is returned (a ``model=`` skeleton gets its original modules back). Unquantized
+floating tensors keep the floating dtype they were stored in.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 from torch import nn
 
 from .. import pack as _pack
+from .. import sparsity as _sparsity
 from ..nn import QuantLinear
 from ..qweight import QuantizedWeight
 from ..scheme import Scheme
@@ -483,13 +486,19 @@ def _empty_quant_linears(model: nn.Module, layers: dict[str, _LayerSpec], path: 
     return replacements
 
 
+def _weight_keys(name: str, keys) -> dict[str, str]:
+    """Checkpoint key -> QuantizedWeight tensor name, of the QuantLinear ``name`` (all its keys but the bias)."""
+    prefix = name + "."
+    return {k: k[len(prefix):] for k in keys
+            if k.startswith(prefix) and "." not in k[len(prefix):] and k != prefix + "bias"}
+
+
 def _check_layer(name: str, spec: _LayerSpec, stored: dict[str, _StoredTensor], root: Path) -> None:
     """QuantizedWeight's own validation of one layer's stored tensors (as meta tensors: no data read yet)."""
-    prefix = name + "."
-    keys = [k for k in stored if k.startswith(prefix) and "." not in k[len(prefix):] and k != prefix + "bias"]
+    keys = _weight_keys(name, stored)
     files = ", ".join(sorted({str(stored[k].file) for k in keys})) or str(root)
     try:
-        tensors = {k[len(prefix):]: torch.empty(stored[k].shape, dtype=stored[k].dtype, device="meta") for k in keys}
+        tensors = {t: torch.empty(stored[k].shape, dtype=stored[k].dtype, device="meta") for k, t in keys.items()}
         QuantizedWeight.from_tensors(tensors, spec.meta())
     except ValueError as e:
         raise CheckpointError(f"{files}: module {name!r}: {e}") from None
@@ -561,6 +570,18 @@ def _check_perms(layers: dict[str, _LayerSpec], tensors: dict[str, torch.Tensor]
                                       f"permutation of 0..{spec.shape[1] - 1}")
 
 
+def _check_sparse_positions(layers: dict[str, _LayerSpec], tensors: dict[str, torch.Tensor], stored) -> None:
+    """Two kept entries of a group at one position would make the kernel and the reference disagree: reject them."""
+    for name, spec in layers.items():
+        if spec.scheme.sparsity:
+            keys = _weight_keys(name, tensors)
+            qw = QuantizedWeight.from_tensors({t: tensors[k] for k, t in keys.items()}, spec.meta())
+            try:
+                _sparsity.check_positions(_sparsity.split_codes(qw.codes())[1])
+            except ValueError as e:
+                raise CheckpointError(f"{stored[name + '.packed_0'].file}: module {name!r}: {e}") from None
+
+
 def _import_foreign(root: Path, dtype: torch.dtype | None) -> nn.Module | None:
     """The model of a GPTQ/AWQ/compressed-tensors directory (repacked, not re-quantized), else None."""
     from .importers import detect_format, load_foreign
@@ -612,6 +633,7 @@ def load_quantized(dir, model: nn.Module | None = None, verify: bool = False, de
         aliases = _match_state(skeleton, stored, quantized_prefixes, root)
         tensors = _read_tensors(stored, verify)
         _check_perms(layers, tensors, stored)
+        _check_sparse_positions(layers, tensors, stored)
         if dtype is not None:
             tensors = {k: t.to(dtype) if t.is_floating_point() and not k.startswith(quantized_prefixes) else t
                        for k, t in tensors.items()}

@@ -32,11 +32,11 @@ def quantize(w: torch.Tensor, scheme, method: str = "rtn", *, clip_search: bool 
     ``method="rtn"``: round to nearest; ``clip_search=True`` shrinks each group's range to the
     ratio that minimizes its reconstruction error. ``method="gptq"``: needs ``inputs``, the
     layer's calibration inputs ``[n, in_features]`` (see :func:`lowbit.quantize.gptq.quantize_gptq`).
+    2:4 sparse schemes (``"int4-g128-2:4"``) prune two of every four inputs: by magnitude with RTN,
+    by SparseGPT's output-error criterion, jointly with the rounding, with GPTQ.
     """
     scheme = Scheme.parse(scheme)
     check_weight(w)
-    if scheme.sparsity is not None:
-        raise NotImplementedError(f"{scheme}: 2:4 sparse quantization is not implemented yet")
     if method == "rtn":
         if inputs is not None or gptq_options:
             raise ValueError("method='rtn' takes no calibration inputs or GPTQ options")

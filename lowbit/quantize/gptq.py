@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import sparsity as _sparsity
 from ..qweight import QuantizedWeight
 from ..scheme import Scheme
 from . import check_weight
@@ -59,6 +60,12 @@ def _check_options(damp, block_size) -> None:
         raise ValueError(f"damp must be a non-negative number (a fraction of mean(diag(H))), got {damp!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+
+
+def _check_act_order(scheme: Scheme, act_order: bool) -> None:
+    if act_order and scheme.sparsity:
+        raise ValueError(f"act_order cannot be combined with {scheme}: its groups of four are consecutive inputs, "
+                         "which a column permutation would break up; use act_order=False")
 
 
 def _describe(t) -> str:
@@ -118,22 +125,23 @@ def quantize_gptq(w: torch.Tensor, scheme, inputs: torch.Tensor | None = None, *
     scales come from its error-updated columns when the group starts (``clip_search`` as in RTN).
     ``act_order`` quantizes columns by descending ``diag(H)``: the result then holds the codes
     of ``W[:, perm]`` and its ``perm`` (groups are contiguous in that order).
+    2:4 sparse schemes are pruned and quantized jointly, as SparseGPT does (no act-order).
     Runs in float32 on ``w``'s device and is deterministic.
     """
     scheme = Scheme.parse(scheme)
     check_weight(w)
-    if scheme.sparsity is not None:
-        raise NotImplementedError(f"{scheme}: 2:4 sparse quantization is not implemented yet")
     _check_options(damp, block_size)
+    _check_act_order(scheme, act_order)
     h = _layer_hessian(inputs, hessian, w.shape[1], w.device)
-    codes, scales, zeros, perm = _gptq(w, scheme, h, clip_search, act_order, float(damp), block_size)
-    return build(scheme, codes, scales, zeros, w.dtype, perm)
+    codes, keep, scales, zeros, perm = _gptq(w, scheme, h, clip_search, act_order, float(damp), block_size)
+    return build(scheme, codes, scales, zeros, w.dtype, perm, keep)
 
 
 def _gptq(w: torch.Tensor, scheme: Scheme, h: torch.Tensor, clip_search: bool, act_order: bool, damp: float,
           block_size: int):
-    """GPTQ of a checked ``w`` with its Hessian ``h`` (float32, modified): codes ``[out, in]``,
-    stored scales and zero points ``[out, groups]`` (zeros None if symmetric), perm (None without act-order)."""
+    """GPTQ of a checked ``w`` with its Hessian ``h`` (float32, modified): codes ``[out, in]``, the 2:4
+    keep mask ``[out, in]`` (None for dense schemes), stored scales and zero points ``[out, groups]``
+    (zeros None if symmetric), perm (None without act-order)."""
     cols = w.to(torch.float32).T.contiguous()  # [in, out]: GPTQ walks the columns of W, keep each contiguous
     # A column whose input is always zero has no effect on the output: zero it, keep H invertible.
     diag = h.diagonal().clone()
@@ -145,17 +153,21 @@ def _gptq(w: torch.Tensor, scheme: Scheme, h: torch.Tensor, clip_search: bool, a
         perm = torch.argsort(diag, descending=True, stable=True)
         cols, h = cols[perm], h[perm][:, perm]
     with _one_thread_on_cpu(w.device):
-        codes, group_scales, group_zeros = _quantize_columns(cols, _inverse_hessian_factor(h, damp), scheme,
-                                                             w.dtype, clip_search, block_size)
+        codes, keep, group_scales, group_zeros = _quantize_columns(cols, _inverse_hessian_factor(h, damp), scheme,
+                                                                   w.dtype, clip_search, block_size)
     zeros = None if scheme.symmetric else torch.stack(group_zeros, dim=1)
-    return codes.T, torch.stack(group_scales, dim=1), zeros, perm
+    return codes.T, None if keep is None else keep.T, torch.stack(group_scales, dim=1), zeros, perm
 
 
 def _quantize_columns(cols, hinv, scheme: Scheme, weight_dtype, clip_search: bool, block_size: int):
-    """The GPTQ loop over ``cols`` (``W^T``, updated in place): codes ``[in, out]`` and, per group,
-    the stored scales ``[out]`` and zero points ``[out]`` (None if symmetric)."""
+    """The GPTQ loop over ``cols`` (``W^T``, updated in place): codes ``[in, out]``, the 2:4 keep mask
+    ``[in, out]`` (None for dense schemes) and, per group, the stored scales ``[out]`` and zero points
+    ``[out]`` (None if symmetric). 2:4 sparse schemes prune as SparseGPT (Frantar & Alistarh, 2023):
+    at every fourth column the mask of the next four is chosen (:func:`_keep_2of4`); a pruned entry
+    becomes 0 and its error is spread over the later columns like a rounding error."""
     k, n = cols.shape
     codes = torch.empty(k, n, dtype=torch.uint8, device=cols.device)
+    keep = torch.ones(k, n, dtype=torch.bool, device=cols.device) if scheme.sparsity else None
     group = k if scheme.per_channel else scheme.group_size
     group_scales, group_zeros = [], []  # per group: stored scales [out], zero points [out]
     for b0 in range(0, k, block_size):
@@ -170,13 +182,26 @@ def _quantize_columns(cols, hinv, scheme: Scheme, weight_dtype, clip_search: boo
                 group_scales.append(stored[:, 0])
                 scale, zero = scales[:, 0], None if zeros is None else zeros[:, 0]
                 group_zeros.append(zero)
+            if keep is not None and col % _sparsity.GROUP == 0:
+                keep[col:col + _sparsity.GROUP] = _keep_2of4(cols, block_err, hinv, b0, b1, col)
             c = encode_codes(block[i], scheme, scale, zero)
             codes[col] = c
-            err = (block[i] - decode_codes(c, scheme, scale, zero)) / hinv[col, col]
+            q = decode_codes(c, scheme, scale, zero)
+            if keep is not None:
+                q = torch.where(keep[col], q, 0.0)
+            err = (block[i] - q) / hinv[col, col]
             block[i + 1:].addr_(hinv[col, col + 1:b1], err, alpha=-1.0)
             block_err[i] = err
         cols[b1:].addmm_(hinv[b0:b1, b1:].T, block_err, alpha=-1.0)
-    return codes, group_scales, group_zeros
+    return codes, keep, group_scales, group_zeros
+
+
+def _keep_2of4(cols, block_err, hinv, b0: int, b1: int, col: int) -> torch.Tensor:
+    """SparseGPT's choice for columns ``col .. col+3`` (bool ``[<=4, out]``): each row keeps the two whose
+    pruning would add the most output error, ``(w / hinv_diag)^2``, with every error so far applied to w."""
+    ahead = _updated_group(cols, block_err, hinv, b0, b1, col, _sparsity.GROUP)
+    diag = hinv.diagonal()[col:col + ahead.shape[0]]
+    return _sparsity.keep_mask((ahead / diag[:, None]).square().T).T
 
 
 def _updated_group(cols, block_err, hinv, b0: int, b1: int, col: int, group: int) -> torch.Tensor:
@@ -323,14 +348,15 @@ def _gptq_linears(names, linears, accumulator, scheme, clip_search, act_order, d
         raise ValueError(f"the calibration inputs of {names} have inf or NaN values")
     w = torch.cat([linears[name].weight.detach() for name in names])
     check_weight(w)
-    codes, scales, zeros, perm = _gptq(w, scheme, h, clip_search, act_order, damp, block_size)
+    codes, keep, scales, zeros, perm = _gptq(w, scheme, h, clip_search, act_order, damp, block_size)
     quantized, row = {}, 0
     for name in names:
         linear = linears[name]
         rows = slice(row, row + linear.out_features)
         row = rows.stop
         qw = build(scheme, codes[rows], scales[rows], None if zeros is None else zeros[rows], w.dtype,
-                   None if perm is None else perm.clone())  # own copy: checkpoints refuse shared tensors
+                   None if perm is None else perm.clone(),  # own copy: checkpoints refuse shared tensors
+                   None if keep is None else keep[rows])
         quantized[name] = QuantLinear.from_qweight(qw, linear.bias)
     return quantized
 
@@ -354,6 +380,7 @@ def quantize_model_gptq(model: nn.Module, scheme, calibration: torch.Tensor, *, 
     scheme = Scheme.parse(scheme)
     _check_calibration(calibration)
     _check_options(damp, block_size)
+    _check_act_order(scheme, act_order)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     decoder = _decoder(model)

@@ -12,6 +12,7 @@ import math
 import torch
 
 from .. import pack as _pack
+from .. import sparsity as _sparsity
 from ..formats import FloatFormat
 from ..qweight import QuantizedWeight
 from ..scheme import Scheme
@@ -119,17 +120,47 @@ def expand_groups(t: torch.Tensor, scheme: Scheme, k: int) -> torch.Tensor:
 
 
 def quantize_rtn(w: torch.Tensor, scheme: Scheme, clip_search: bool = False) -> QuantizedWeight:
+    """RTN; 2:4 sparse schemes first prune by magnitude (the two largest of every four inputs), then
+    round the pruned weight, its scales fitted to what is kept."""
     n, k = w.shape
     w32 = w.to(torch.float32)
+    keep = None
+    if scheme.sparsity:
+        keep = _sparsity.keep_mask(w32.abs())
+        w32 = torch.where(keep, w32, 0.0)
     stored, s32, zeros = group_params(w32, scheme, w.dtype, clip_search)
     codes = encode_codes(w32, scheme, expand_groups(s32, scheme, k),
                          None if zeros is None else expand_groups(zeros, scheme, k))
-    return build(scheme, codes, stored, zeros, w.dtype)
+    return build(scheme, codes, stored, zeros, w.dtype, keep=keep)
 
 
 def build(scheme: Scheme, codes: torch.Tensor, stored_scales: torch.Tensor, zeros: torch.Tensor | None,
-          dtype: torch.dtype, perm: torch.Tensor | None = None) -> QuantizedWeight:
-    """Pack ``codes [N, K]`` and per-row scales/zeros ``[N, G]`` into a QuantizedWeight."""
-    return QuantizedWeight(scheme, tuple(codes.shape), _pack.pack_codes(codes, scheme.bits),
+          dtype: torch.dtype, perm: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> QuantizedWeight:
+    """Pack ``codes [N, K]`` and per-row scales/zeros ``[N, G]`` into a QuantizedWeight.
+
+    2:4 sparse schemes need ``keep [N, K]`` (bool, see :func:`lowbit.sparsity.keep_mask`): only the
+    codes it marks are stored, with their positions; the others are pruned (zero)."""
+    if (keep is None) != (scheme.sparsity is None):
+        raise ValueError(f"build: keep (the 2:4 mask) is {'required' if keep is None else 'not expected'} "
+                         f"for {scheme}")
+    n, k = codes.shape
+    if keep is not None:
+        if keep.shape != codes.shape or keep.dtype != torch.bool:
+            raise ValueError(f"build: keep must be bool {tuple(codes.shape)} like the codes, "
+                             f"got {keep.dtype} {tuple(keep.shape)}")
+        codes = _sparse_codes(scheme, codes, keep, zeros)
+    return QuantizedWeight(scheme, (n, k), _pack.pack_codes(codes, scheme.code_bits),
                            stored_scales.T.contiguous(),
                            None if zeros is None else zeros.T.contiguous().to(torch.uint8), perm, dtype)
+
+
+def _sparse_codes(scheme: Scheme, codes: torch.Tensor, keep: torch.Tensor, zeros: torch.Tensor | None):
+    """The stored codes ``[N, stored_columns(K)]`` of the entries ``keep`` marks: value code and position."""
+    positions = _sparsity.positions(keep)
+    n, k = codes.shape
+    pad = torch.zeros(n, _sparsity.padded_columns(k) - k, device=codes.device)
+    # A last group of one column keeps a padding entry too: it stores the code of zero (under the
+    # last group's zero point), so that it dequantizes to exactly 0.
+    zero_codes = encode_codes(pad, scheme, torch.ones_like(pad), None if zeros is None else zeros[:, -1:])
+    kept = torch.cat([codes, zero_codes], dim=1).gather(1, _sparsity.dense_columns(positions))
+    return _sparsity.merge_codes(kept, positions, scheme.bits)
