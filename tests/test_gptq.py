@@ -183,11 +183,27 @@ def test_quantize_model_gptq_tiny_llama(tiny_llama, scheme, act_order):
     assert error < logits_error(rtn, tiny_llama, ids)
 
 
+def test_quantize_model_gptq_stores_the_dtype_asked_for(tiny_llama):
+    calibration = torch.randint(0, 128, (4, 32))
+    model = quantize_model_gptq(copy.deepcopy(tiny_llama), "int4-g32", calibration, dtype=torch.float16,
+                                progress=False)
+    layers = [m for m in model.modules() if isinstance(m, lowbit.QuantLinear)]
+    assert layers and all(m.weight_dtype == torch.float16 and m.scales.dtype == torch.float16 for m in layers)
+    # As RTN of the float16 weights stores them: the same bits per weight.
+    rtn = lowbit.quantize_model(copy.deepcopy(tiny_llama).half(), "int4-g32", progress=False)
+    rtn_bits = [m.qweight.bits_per_weight for m in rtn.modules() if isinstance(m, lowbit.QuantLinear)]
+    assert [m.qweight.bits_per_weight for m in layers] == rtn_bits
+    default = quantize_model_gptq(copy.deepcopy(tiny_llama), "int4-g32", calibration, progress=False)
+    assert all(m.scales.dtype == torch.float32 for m in default.modules() if isinstance(m, lowbit.QuantLinear))
+
+
 def test_quantize_model_gptq_bad_arguments(tiny_llama):
     ids = torch.randint(0, 128, (2, 16))
     with pytest.raises(ValueError, match=r"calibration must be a LongTensor \[n_seq, seq_len\]"):
         quantize_model_gptq(copy.deepcopy(tiny_llama), "int4-g32", ids.float(), progress=False)
     with pytest.raises(ValueError, match="exclude"):
         quantize_model_gptq(copy.deepcopy(tiny_llama), "int4-g32", ids, exclude=(), progress=False)
+    with pytest.raises(ValueError, match="dtype must be None, torch.float16"):
+        quantize_model_gptq(copy.deepcopy(tiny_llama), "int4-g32", ids, dtype=torch.int8, progress=False)
     with pytest.raises(ValueError, match="model.model.layers"):
         quantize_model_gptq(torch.nn.Linear(4, 4), "int4-g32", ids, progress=False)

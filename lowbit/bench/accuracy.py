@@ -4,9 +4,9 @@ Loads the model once, evaluates it unquantized (the baseline, whose next-token l
 as the KL reference), then for each scheme and method quantizes a copy and evaluates it on the
 same held-out tokens: perplexity, its change vs the baseline, mean KL(baseline || quantized).
 
-On CPU everything runs in float32 (the baseline row stands for fp16 weights, run in float32); the
-linears are rounded to float16 before RTN so group scales are stored as a float16 checkpoint would
-store them. On CUDA the whole model runs in float16.
+On CPU everything runs in float32 (the baseline row stands for fp16 weights, run in float32); every
+method quantizes the linears rounded to float16, so group scales are stored as a float16 checkpoint
+would store them. On CUDA the whole model runs in float16.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import copy
 import datetime
 import functools
-import importlib.util
 import json
 import subprocess
 import time
@@ -31,6 +30,10 @@ from ..scheme import Scheme
 
 DEFAULT_SCHEMES = ["int8-channel", "int4-g128", "int4-g32-asym", "int3-g64", "fp6_e3m2-channel",
                    "fp6_e2m3-channel", "fp5_e2m2-channel", "fp4_e2m1-g32"]
+README = "readme"
+# The README's table (issue 6): clipping search and GPTQ where GPTQ's targets compare them with RTN.
+README_TABLE = ("int8-channel,int4-g128:rtn+clip+gptq+gptq-act,int4-g32-asym,int3-g64:rtn+clip+gptq,"
+                "fp6_e3m2-channel:rtn+gptq,fp6_e2m3-channel:rtn+gptq,fp5_e2m2-channel:rtn+gptq,fp4_e2m1-g32:rtn+gptq")
 METHODS = {  # name -> (quantizer, options)
     "rtn": ("rtn", {}),
     "clip": ("rtn", {"clip_search": True}),
@@ -53,34 +56,48 @@ def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def _schemes(text: str) -> list[str]:
+def _schemes(text: str) -> list[tuple[str, list[str] | None]]:
+    """``SCHEME`` or ``SCHEME:M1+M2`` items -> (scheme, its own methods or None for --methods');
+    ``readme`` stands for the README table's rows."""
     out = []
-    for name in _csv(text):
+    for item in _csv(text):
+        if item == README:
+            out.extend(_schemes(README_TABLE))
+            continue
+        name, colon, methods = item.partition(":")
         if name == BASELINE:  # the baseline row is always there
             continue
         try:
-            out.append(str(Scheme.parse(name)))
+            scheme = str(Scheme.parse(name))
         except ValueError as err:
             raise argparse.ArgumentTypeError(
-                f"{err} (schemes look like int4-g128, int4-g32-asym, fp6_e3m2-channel)") from None
+                f"{err} (schemes look like int4-g128, int4-g32-asym, fp6_e3m2-channel, "
+                "optionally with their methods: int4-g128:rtn+gptq)") from None
+        out.append((scheme, _methods(methods, "+") if colon else None))
     return out
 
 
-def _methods(text: str) -> list[str]:
-    out = _csv(text)
+def _methods(text: str, separator: str = ",") -> list[str]:
+    out = [m.strip() for m in text.split(separator) if m.strip()]
     unknown = [m for m in out if m not in METHODS]
     if unknown or not out:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown or no method(s) in {text!r}; choose from {', '.join(METHODS)}")
     return out
+
+
+def planned_rows(schemes: list[tuple[str, list[str] | None]], methods: list[str]) -> list[tuple[str, str]]:
+    """(scheme, method) of every quantized row, in order: each scheme with its own methods, else ``methods``."""
+    return [(scheme, method) for scheme, own in schemes for method in (own or methods)]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--schemes", type=_schemes, default=DEFAULT_SCHEMES, metavar="S1,S2,...",
-                   help=f"comma-separated schemes (default: {','.join(DEFAULT_SCHEMES)}); "
-                        "the unquantized baseline row is always included")
+    p.add_argument("--schemes", type=_schemes, default=_schemes(",".join(DEFAULT_SCHEMES)), metavar="S1,S2,...",
+                   help=f"comma-separated schemes (default: {','.join(DEFAULT_SCHEMES)}), each optionally with its "
+                        f"own methods (int4-g128:rtn+gptq); '{README}' = the README table's rows "
+                        f"({README_TABLE}); the unquantized baseline row is always included")
     p.add_argument("--methods", type=_methods, default=["rtn"], metavar="M1,M2,...",
-                   help=f"comma-separated, each row of each scheme: {', '.join(METHODS)} (default: rtn); "
-                        "clip = RTN with clipping search, gptq-act = GPTQ with act-order")
+                   help=f"comma-separated, a row each for every scheme without its own: {', '.join(METHODS)} "
+                        "(default: rtn); clip = RTN with clipping search, gptq-act = GPTQ with act-order")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--max-eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, metavar="N",
@@ -121,15 +138,17 @@ def size_mb(model: nn.Module) -> float:
 
 
 def _quantize(model: nn.Module, scheme: str, method: str, calibration, device: torch.device) -> None:
+    """Quantize ``model``'s linears in place; every method makes float16 linears (group scales
+    float16, as in a float16 checkpoint), so a scheme's bits per weight do not depend on the method."""
     quantizer, options = METHODS[method]
     if quantizer == "rtn":
         for _, linear in quantized_linears(model):
-            linear.half()  # float16 weights, so group scales are float16 as in a float16 checkpoint
+            linear.half()
         quantize_model(model, scheme, progress=True, **options)
     else:
         from ..quantize.gptq import quantize_model_gptq
 
-        quantize_model_gptq(model, scheme, calibration(), device=device, **options)
+        quantize_model_gptq(model, scheme, calibration(), device=device, dtype=torch.float16, **options)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -139,10 +158,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--device cuda: no CUDA GPU is available")
     if args.max_eval_tokens < 2:
         raise ValueError(f"--max-eval-tokens must be >= 2, got {args.max_eval_tokens}")
-    methods = list(args.methods)
-    if any(METHODS[m][0] == "gptq" for m in methods) and importlib.util.find_spec("lowbit.quantize.gptq") is None:
-        print("GPTQ is not available in this lowbit (lowbit.quantize.gptq missing): skipping its rows")
-        methods = [m for m in methods if METHODS[m][0] != "gptq"]
+    planned = planned_rows(args.schemes, args.methods)
 
     print(f"loading the embedded model {data.DEFAULT_MODEL_NAME} ({data.GGUF_FILE}) ...", flush=True)
     model, tokenizer = data.load_default_model(torch.float32)
@@ -154,7 +170,7 @@ def run(args: argparse.Namespace) -> dict:
     window = dict(seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size)
     print(f"text: {text_path} (held-out part: after the first {data.CALIBRATION_FRACTION:.0%} of its characters)")
     print(f"evaluation budget: {len(tokens)} tokens, seq_len {args.seq_len}, stride {args.stride}; "
-          f"{len(args.schemes)} scheme(s) x {len(methods)} method(s) on {device}")
+          f"{len(planned)} quantized row(s) on {device}")
     print(Q4_1_NOTE, flush=True)
 
     # GPTQ's calibration sequences, tokenized on first use and shared by every GPTQ row.
@@ -167,22 +183,24 @@ def run(args: argparse.Namespace) -> dict:
              "ppl": base.ppl, "ppl_delta_pct": 0.0, "kl": 0.0, "quantize_s": 0.0,
              "eval_s": time.perf_counter() - t}]
     print(_row_line(rows[0]), flush=True)
-    for scheme in args.schemes:
-        for method in methods:
-            qmodel = copy.deepcopy(model)
-            t = time.perf_counter()
-            _quantize(qmodel, scheme, method, calibration, device)
-            quantize_s = time.perf_counter() - t
-            t = time.perf_counter()
-            result = evaluate(qmodel, tokens, **window, reference=base.reference, desc=f"{scheme} {method}")
-            rows.append({"scheme": scheme, "method": method, "bits_per_weight": bits_per_weight(qmodel),
-                         "size_mb": size_mb(qmodel), "ppl": result.ppl,
-                         "ppl_delta_pct": 100 * (result.ppl / base.ppl - 1), "kl": result.kl,
-                         "quantize_s": quantize_s, "eval_s": time.perf_counter() - t})
-            print(_row_line(rows[-1]), flush=True)
-            del qmodel
+    for scheme, method in planned:
+        qmodel = copy.deepcopy(model)
+        if METHODS[method][0] == "gptq":
+            calibration()  # tokenized once, outside the timed quantization
+        t = time.perf_counter()
+        _quantize(qmodel, scheme, method, calibration, device)
+        quantize_s = time.perf_counter() - t
+        t = time.perf_counter()
+        result = evaluate(qmodel, tokens, **window, reference=base.reference, desc=f"{scheme} {method}")
+        rows.append({"scheme": scheme, "method": method, "bits_per_weight": bits_per_weight(qmodel),
+                     "size_mb": size_mb(qmodel), "ppl": result.ppl,
+                     "ppl_delta_pct": 100 * (result.ppl / base.ppl - 1), "kl": result.kl,
+                     "quantize_s": quantize_s, "eval_s": time.perf_counter() - t})
+        print(_row_line(rows[-1]), flush=True)
+        del qmodel
     return {"kind": "accuracy", "model": data.DEFAULT_MODEL_NAME, "text": str(text_path),
             "tokens_evaluated": base.tokens_evaluated, "seq_len": args.seq_len, "stride": args.stride,
+            "calibration": {"seqs": args.calib_seqs, "seq_len": args.calib_len},
             "device": str(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "commit": _git_commit(), "torch": torch.__version__, "runtime_s": time.perf_counter() - started,
             "rows": rows}
@@ -222,10 +240,8 @@ def run_and_report(args: argparse.Namespace) -> int:
           "embeddings); size: quantized linears as stored + every other parameter at 16 bits; "
           "delta: perplexity change vs the baseline; KL: mean KL(baseline || quantized) per token, nats.")
     if report["device"] == "cpu":
-        print("The fp16 baseline is the unquantized model run in float32 on CPU. RTN rows quantize the linears "
-              "rounded to float16 (float16 group scales, as a float16 checkpoint).")
-        if any(METHODS[r["method"]][0] == "gptq" for r in report["rows"][1:]):
-            print("GPTQ rows calibrate in float32 on CPU and so store float32 group scales (16/group bits/w more).")
+        print("The fp16 baseline is the unquantized model run in float32 on CPU. Every row quantizes the linears "
+              "rounded to float16 (float16 group scales, as a float16 checkpoint); GPTQ calibrates in float32.")
     print(Q4_1_NOTE)
     print(f"runtime: {report['runtime_s']:.0f} s")
     if args.json:

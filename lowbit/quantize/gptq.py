@@ -339,14 +339,17 @@ def _same_hessian_groups(linears: dict[str, nn.Linear], accumulators: dict[str, 
     return groups
 
 
-def _gptq_linears(names, linears, accumulator, scheme, clip_search, act_order, damp, block_size):
-    """GPTQ of the linears ``names`` (sharing one Hessian): a QuantLinear for each."""
+def _gptq_linears(names, linears, accumulator, scheme, clip_search, act_order, damp, block_size, dtype):
+    """GPTQ of the linears ``names`` (sharing one Hessian): a QuantLinear for each, of ``dtype``
+    (None: their weights' dtype)."""
     from ..nn import QuantLinear
 
     h = accumulator.hessian
     if not torch.isfinite(h).all():
         raise ValueError(f"the calibration inputs of {names} have inf or NaN values")
     w = torch.cat([linears[name].weight.detach() for name in names])
+    if dtype is not None:  # rounded as RTN of weights of that dtype would be: the scales are stored in it too
+        w = w.to(dtype)
     check_weight(w)
     codes, keep, scales, zeros, perm = _gptq(w, scheme, h, clip_search, act_order, damp, block_size)
     quantized, row = {}, 0
@@ -364,7 +367,7 @@ def _gptq_linears(names, linears, accumulator, scheme, clip_search, act_order, d
 def quantize_model_gptq(model: nn.Module, scheme, calibration: torch.Tensor, *, exclude: Iterable[str] = ("lm_head",),
                         act_order: bool = False, clip_search: bool = False, damp: float = 0.01,
                         block_size: int = 128, progress: bool = True, device=None,
-                        batch_size: int = 8) -> nn.Module:
+                        batch_size: int = 8, dtype: torch.dtype | None = None) -> nn.Module:
     """Quantize a Hugging Face decoder model (LLaMA-like) with GPTQ, in place, one block at a time.
 
     ``calibration``: token ids ``[n_seq, seq_len]``. The inputs of the first decoder layer are
@@ -373,7 +376,9 @@ def quantize_model_gptq(model: nn.Module, scheme, calibration: torch.Tensor, *, 
     of its ``nn.Linear`` inputs, its linears are quantized with :func:`quantize_gptq` and replaced
     by :class:`lowbit.QuantLinear`, and it is run again so the next layer sees the *quantized*
     layer's outputs; then it goes back where it was. ``exclude`` is as in :func:`lowbit.quantize_model`;
-    linears outside the decoder layers (``lm_head``) must be excluded.
+    linears outside the decoder layers (``lm_head``) must be excluded. ``dtype``: the quantized
+    linears' weight dtype, which fixes their scales' storage dtype as in RTN (default: each
+    linear's own; e.g. float16 for a float32 model calibrated on CPU but stored as float16).
     """
     from ..nn import quantized_linears
 
@@ -383,6 +388,8 @@ def quantize_model_gptq(model: nn.Module, scheme, calibration: torch.Tensor, *, 
     _check_act_order(scheme, act_order)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be None, torch.float16, torch.bfloat16 or torch.float32, got {dtype!r}")
     decoder = _decoder(model)
     targets = quantized_linears(model, exclude)
     in_layers = {id(m) for m in decoder.layers.modules()}
@@ -412,7 +419,7 @@ def quantize_model_gptq(model: nn.Module, scheme, calibration: torch.Tensor, *, 
             quantized = {}
             for names in _same_hessian_groups(linears, accumulators):
                 quantized.update(_gptq_linears(names, linears, accumulators[names[0]], scheme, clip_search,
-                                               act_order, float(damp), block_size))
+                                               act_order, float(damp), block_size, dtype))
             # The next layer sees this one's quantized outputs; its weights are dequantized once, not per batch.
             outs = _run_layer(layer, batches, {f"{name}.weight": q.qweight.dequantize(linears[name].weight.dtype)
                                                for name, q in quantized.items()})
