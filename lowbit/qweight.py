@@ -147,7 +147,8 @@ class QuantizedWeight:
         """Unpacked codes ``[out, in]`` (uint8), in stored column order; for 2:4 sparse schemes the
         stored ``(value_code << 2) | position`` codes ``[out, scheme.stored_columns(in)]``
         (:func:`lowbit.pack.code_dtype` of ``scheme.code_bits``)."""
-        return _pack.unpack_codes(self.packed, self.scheme.code_bits, self.scheme.stored_columns(self.in_features))
+        return _pack.unpack_codes(self.packed, self.scheme.code_bits, self.scheme.stored_columns(self.in_features),
+                                 rows=self.out_features)
 
     def scale_values(self) -> torch.Tensor:
         """Scales as float32 ``[groups, out]`` (E8M0 exponents decoded for mx)."""

@@ -26,7 +26,7 @@ LAYOUT_BY_HAND = {
     7: [(4, torch.int32, 16), (2, torch.int16, 16), (1, torch.uint8, 16)],
     6: [(4, torch.int16, 32), (2, torch.uint8, 32)],
     5: [(4, torch.int32, 16), (1, torch.uint8, 16)],
-    4: [(4, torch.uint8, 64)],
+    4: [(4, torch.int16, 32)],
     3: [(2, torch.int16, 16), (1, torch.uint8, 16)],
     2: [(2, torch.uint8, 32)],
 }
@@ -35,6 +35,19 @@ LAYOUT_BY_HAND = {
 def random_codes(n, k, bits, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.int64).to(pack.code_dtype(bits))
+
+
+def word_at(t: torch.Tensor, row: int, tile: int, i: int, depth: int) -> int:
+    """Word ``i`` of ``tile`` of ``row``, by the layout's definition: row blocks of 16 rows, tiles
+    one after the other inside a block, rows of a tile one after the other."""
+    return int(t[row // 16, (tile * 16 + row % 16) * depth + i])
+
+
+def row_words(t: torch.Tensor, n: int, depth: int) -> torch.Tensor:
+    """``[n, tiles * depth]``: each row's words, tile after tile."""
+    tiles = t.shape[1] // (16 * depth)
+    return torch.tensor([[word_at(t, r, tile, i, depth) for tile in range(tiles) for i in range(depth)]
+                         for r in range(n)], dtype=t.dtype)
 
 
 def unsigned(word: int, width: int) -> int:
@@ -51,8 +64,8 @@ def test_segments_by_hand(bits):
         assert pack.plane_depth(bits) == words
         # no waste: a row's tile of a segment is exactly 128 * s bits
         assert words * torch.iinfo(dt).bits == 128 * s
-    for n, k in [(1, 1), (3, 128), (5, 129), (2, 1000)]:
-        assert pack.segment_shape(n, k, bits) == (n, math.ceil(k / 128) * want[0][2])
+    for n, k in [(1, 1), (3, 128), (5, 129), (2, 1000), (16, 128), (17, 128)]:
+        assert pack.segment_shape(n, k, bits) == (math.ceil(n / 16), math.ceil(k / 128) * 16 * want[0][2])
 
 
 @pytest.mark.parametrize("k", KS, ids=lambda k: f"K{k}")
@@ -65,15 +78,17 @@ def test_round_trip(bits, k):
     assert isinstance(packed, tuple) and len(packed) == len(want)
     tiles = math.ceil(k / 128)
     for t, (s, dt, words) in zip(packed, want):
-        assert t.dtype == dt and tuple(t.shape) == (n, tiles * words) == pack.segment_shape(n, k, bits)
+        blocks = math.ceil(n / 16)
+        assert t.dtype == dt and tuple(t.shape) == (blocks, tiles * 16 * words) == pack.segment_shape(n, k, bits)
         assert t.is_contiguous()
+        assert not row_words(t, 16 * blocks, words)[n:].any()  # rows past n are padding, code 0
     total_bytes = sum(t.numel() * t.element_size() for t in packed)
-    assert total_bytes == n * tiles * 128 * bits // 8  # exactly B bits per (padded) weight
-    out = pack.unpack_codes(packed, bits, k)
+    assert total_bytes == math.ceil(n / 16) * 16 * tiles * 128 * bits // 8  # exactly B bits per (padded) weight
+    out = pack.unpack_codes(packed, bits, k, rows=n)
     assert out.dtype == pack.code_dtype(bits) and out.shape == (n, k)
     assert torch.equal(out, codes)
     # the padding of the last tile is code 0
-    full = pack.unpack_codes(packed, bits, tiles * 128)
+    full = pack.unpack_codes(packed, bits, tiles * 128, rows=n)
     assert torch.equal(full[:, :k], codes) and not full[:, k:].any()
 
 
@@ -83,41 +98,41 @@ def test_round_trip_extremes(bits, fill):
     """All-ones codes set the sign bit of the int16/int32 words."""
     codes = torch.full((3, 300), 0 if fill == "zeros" else (1 << bits) - 1, dtype=pack.code_dtype(bits))
     packed = pack.pack_codes(codes, bits)
-    assert torch.equal(pack.unpack_codes(packed, bits, 300), codes)
+    assert torch.equal(pack.unpack_codes(packed, bits, 300, rows=3), codes)
     if fill == "max":
-        for (s, dt, _), t in zip(LAYOUT_BY_HAND[bits], packed):
+        for (s, dt, depth), t in zip(LAYOUT_BY_HAND[bits], packed):
             if dt != torch.uint8:
-                assert (t[:, : t.shape[1] * 2 // 3] == -1).all()  # whole tiles: every bit set
+                assert (row_words(t, 3, depth)[:, : 2 * depth] == -1).all()  # whole tiles: every bit set
 
 
 def test_int4_layout_spot_check():
-    """int4: byte i of tile t in row n = code(k=128t+i) | code(k=128t+64+i) << 4."""
-    n, k = 3, 576  # 4.5 tiles: the high nibbles of the last tile are padding
+    """int4: int16 word i of tile t of row n holds code(k=128t+32j+i) at bits 4j..4j+3, j = 0..3."""
+    n, k = 19, 576  # two row blocks (the second padded); 4.5 tiles: planes 2 and 3 of the last tile are padding
     codes = random_codes(n, k, 4, seed=42)
     (p,) = pack.pack_codes(codes, 4)
-    assert p.dtype == torch.uint8 and p.shape == (3, 5 * 64)
+    assert p.dtype == torch.int16 and p.shape == (2, 5 * 16 * 32)
     c = codes.tolist()
     for row in range(n):
         for t in range(5):
-            for i in range(64):
-                lo_k, hi_k = 128 * t + i, 128 * t + 64 + i
-                lo = c[row][lo_k] if lo_k < k else 0
-                hi = c[row][hi_k] if hi_k < k else 0
-                assert int(p[row, 64 * t + i]) == lo | (hi << 4), (row, t, i)
-    # one by hand: row 1, tile 2, byte 5 holds k=261 (low) and k=325 (high)
-    assert int(p[1, 133]) == c[1][261] + 16 * c[1][325]
+            for i in range(32):
+                want = sum((c[row][kk] if (kk := 128 * t + 32 * j + i) < k else 0) << (4 * j) for j in range(4))
+                assert unsigned(word_at(p, row, t, i, 32), 16) == want, (row, t, i)
+    # one by hand: row 17 (block 1, row 1), tile 2, word 5 holds k = 261, 293, 325, 357
+    word = unsigned(int(p[1, (2 * 16 + 1) * 32 + 5]), 16)
+    assert word == c[17][261] | c[17][293] << 4 | c[17][325] << 8 | c[17][357] << 12
 
 
 def test_int8_layout_is_plain_bytes():
     codes = random_codes(2, 300, 8, seed=1)
     (p,) = pack.pack_codes(codes, 8)
-    assert torch.equal(p[:, :300], codes) and not p[:, 300:].any()
+    rows = row_words(p, 2, 128)
+    assert torch.equal(rows[:, :300], codes) and not rows[:, 300:].any()
 
 
 @pytest.mark.parametrize("bits", BITS, ids=lambda b: f"int{b}")
 def test_layout_every_word_by_hand(bits):
     """Every word of every segment, from the layout's definition in plain Python."""
-    n, k = 2, 200
+    n, k = 18, 200  # two row blocks, the second with 2 of its 16 rows
     codes = random_codes(n, k, bits, seed=bits)
     packed = pack.pack_codes(codes, bits)
     c = codes.tolist()
@@ -126,7 +141,6 @@ def test_layout_every_word_by_hand(bits):
         shift -= s  # this segment holds code bits shift .. shift+s-1
         planes = 128 // depth
         width = torch.iinfo(dt).bits
-        words = t.tolist()
         for row in range(n):
             for tile in range(2):
                 for i in range(depth):
@@ -135,14 +149,14 @@ def test_layout_every_word_by_hand(bits):
                         kk = 128 * tile + depth * j + i
                         code = c[row][kk] if kk < k else 0
                         want |= ((code >> shift) & ((1 << s) - 1)) << (s * j)
-                    got = unsigned(words[row][tile * depth + i], width)
+                    got = unsigned(word_at(t, row, tile, i, depth), width)
                     assert got == want, (bits, s, row, tile, i)
     assert shift == 0
 
 
 def test_padded_k():
     assert [pack.padded_k(k) for k in (1, 127, 128, 129, 576, 1000)] == [128, 128, 128, 256, 640, 1024]
-    assert pack.TILE_K == 128 and pack.LAYOUT == "tiled-planes-v2"
+    assert pack.TILE_K == 128 and pack.LAYOUT == "tiled-planes-v3"
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -204,4 +218,4 @@ def test_unpack_rejects(case):
     assert sorted(cases) == sorted(WRONG)
     packed, bits, k, msg = cases[case]
     with pytest.raises(ValueError, match=msg):
-        pack.unpack_codes(packed, bits, k)
+        pack.unpack_codes(packed, bits, k, rows=4)

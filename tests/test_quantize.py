@@ -290,9 +290,9 @@ def test_bits_per_weight_and_scale_dtype(scheme, dtype, shape):
     zbits = 0 if s.symmetric else 8
     want = s.bits + (sbits + zbits) * groups / k
     assert qw.bits_per_weight == pytest.approx(want, rel=1e-12)
-    # stored bytes: codes padded to whole 128-tiles of k, plus scales and zeros
-    kp = math.ceil(k / 128) * 128
-    assert qw.nbytes == n * kp * s.bits // 8 + (sbits + zbits) // 8 * groups * n
+    # stored bytes: codes padded to whole 128-tiles of k and 16-row blocks, plus scales and zeros
+    kp, np_ = math.ceil(k / 128) * 128, math.ceil(n / 16) * 16
+    assert qw.nbytes == np_ * kp * s.bits // 8 + (sbits + zbits) // 8 * groups * n
 
 
 def test_bits_per_weight_examples():
@@ -418,7 +418,7 @@ def _wrong_cases():
         "perm-dtype": (qw, dict(perm=torch.arange(100, dtype=torch.int32)), "perm"),
         "perm-2d": (qw, dict(perm=torch.arange(100).view(1, 100)), "perm"),
         "shape-k": (qw, dict(shape=(6, 200)), "packed"),
-        "shape-n": (qw, dict(shape=(7, 100)), "packed"),
+        "shape-n": (qw, dict(shape=(17, 100)), "packed"),  # another row block
         "shape-zero": (qw, dict(shape=(0, 100)), "positive"),
         "dtype-int8": (qw, dict(dtype=torch.int8), "dtype"),
         "dtype-fp32": (qw, dict(dtype=torch.float32), "scales"),  # fp32 weights keep fp32 group scales
@@ -443,11 +443,12 @@ def test_validate_rejects_wrong_tensors(case):
 
 
 @pytest.mark.parametrize("scheme", ["int6-g32-asym", "int4-g128", "fp4_e2m1-g32-mx", "int7-channel",
-                                    "fp6_e3m2-channel", "int3-g64", "fp5_e2m2-g32"])
+                                    "fp6_e3m2-channel", "int3-g64", "fp5_e2m2-g32", "int4-g128-2:4",
+                                    "int8-channel-asym-2:4"])
 def test_tensors_meta_round_trip(scheme):
     qw = _qw(scheme, (9, 333), torch.bfloat16)
     t, m = qw.tensors(), qw.meta()
-    nseg = len(lpack.SEGMENTS[qw.scheme.bits])
+    nseg = len(lpack.SEGMENTS[qw.scheme.code_bits])
     want = {f"packed_{i}" for i in range(nseg)} | {"scales"} | (set() if qw.scheme.symmetric else {"zeros"})
     assert set(t) == want
     assert m == {"scheme": scheme, "shape": [9, 333], "dtype": "bfloat16", "layout": lpack.LAYOUT}

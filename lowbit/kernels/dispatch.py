@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .. import pack as _pack
 from ..qweight import QuantizedWeight
-from .triton_matmul import e4m3_fp16_asm, int4_planes_asm, int8_fp16_asm, lowbit_dequant_kernel, lowbit_matmul_kernel
+from .triton_matmul import e4m3_fp16_asm, int4_words_asm, int8_fp16_asm, lowbit_dequant_kernel, lowbit_matmul_kernel
 
 __all__ = ["KernelConfig", "matmul", "fused_matmul", "dequantize", "choose_config", "heuristic_config"]
 
@@ -65,7 +65,8 @@ def _scheme_constants(qw: QuantizedWeight, compute: torch.dtype) -> dict:
     return dict(BITS=fmt.bits, SEG0=segs[0], SEG1=segs[1], SEG2=segs[2], PD=_pack.plane_depth(fmt.bits),
                 IS_FLOAT=fmt.is_float, MAN_BITS=man_bits,
                 FLOAT_FACTOR=float_factor, SYMMETRIC=qw.scheme.symmetric, OFFSET=offset,
-                GROUP_SIZE=qw.scheme.group_size, SCALE_MX=qw.scheme.mx, COMPUTE=_TL_DTYPES[compute])
+                GROUP_SIZE=qw.scheme.group_size, SCALE_MX=qw.scheme.mx, COMPUTE=_TL_DTYPES[compute],
+                ROW_BLOCK=_pack.ROW_BLOCK)
 
 
 def _fast_path_constants(qw: QuantizedWeight, compute: torch.dtype, device: torch.device) -> dict:
@@ -77,7 +78,7 @@ def _fast_path_constants(qw: QuantizedWeight, compute: torch.dtype, device: torc
     if on_gpu and not fmt.is_float:
         zero = fmt.offset if qw.scheme.symmetric else None
         if fmt.bits == 4:
-            out["ASM4"] = int4_planes_asm(compute == torch.float16, zero)
+            out["ASM4"] = int4_words_asm(compute == torch.float16, zero)
         elif fmt.bits == 8 and compute == torch.float16:
             out["ASM8"] = int8_fp16_asm(zero)
     elif on_gpu and fmt.is_float and (fmt.exp_bits, fmt.man_bits) == (4, 3) and compute == torch.float16:

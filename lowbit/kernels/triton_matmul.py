@@ -20,6 +20,13 @@ import triton.language as tl
 
 
 @triton.jit
+def _word_offsets(rn, t, rp, stride, PD: tl.constexpr, ROW_BLOCK: tl.constexpr):
+    """Offsets of the ``[rows, PD]`` word tile of k-tile ``t``: row blocks of ``ROW_BLOCK`` rows,
+    each block storing its tiles one after the other (a block's tile is one contiguous chunk)."""
+    return (rn[:, None] // ROW_BLOCK) * stride + (rn[:, None] % ROW_BLOCK) * PD + t * (ROW_BLOCK * PD) + rp[None, :]
+
+
+@triton.jit
 def _extract_codes(w0, w1, w2, j: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr):
     """Codes of plane ``j`` from the word tiles of up to three segments (most significant first)."""
     code = (w0.to(tl.int32) >> (j * SEG0)) & ((1 << SEG0) - 1)
@@ -52,20 +59,32 @@ def _decode(code, zero, COMPUTE: tl.constexpr, IS_FLOAT: tl.constexpr, BITS: tl.
     return ((code - zero + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0).to(COMPUTE)
 
 
-def int4_planes_asm(compute_is_fp16: bool, symmetric_zero: int | None) -> str:
-    """PTX turning 4 bytes of 4-bit codes (low nibble: plane 0, high nibble: plane 1) into 8 values
-    in fp16/bf16 with 11 instructions: the nibbles are masked, byte-permuted into the mantissas of
-    half2 values whose ulp is 1 (fp16 1024.0, bf16 128.0), and one packed subtraction removes that
-    float and, for symmetric schemes, the zero point (MARLIN's trick on this layout).
-    Outputs ``$0,$1`` = plane 0, ``$2,$3`` = plane 1 (two values each); input ``$4`` = the 4 bytes."""
-    magic = 0x64 if compute_is_fp16 else 0x43
-    sub_bits = _half_bits((1024 if compute_is_fp16 else 128) + (symmetric_zero or 0), compute_is_fp16)
-    op = "sub.f16x2" if compute_is_fp16 else "sub.bf16x2"
-    lines = [".reg .b32 lo, hi, c;", f"mov.b32 c, 0x{sub_bits:04x}{sub_bits:04x};",
-             "and.b32 lo, $4, 0x0F0F0F0F;", "shr.u32 hi, $4, 4;", "and.b32 hi, hi, 0x0F0F0F0F;"]
-    for out, (src, sel) in enumerate([("lo", "0x5140"), ("lo", "0x7362"), ("hi", "0x5140"), ("hi", "0x7362")]):
-        lines.append(f"prmt.b32 ${out}, {src}, 0x{magic:02x}{magic:02x}{magic:02x}{magic:02x}, {sel};")
-    lines += [f"{op} ${i}, ${i}, c;" for i in range(4)]
+def int4_words_asm(compute_is_fp16: bool, symmetric_zero: int | None) -> str:
+    """PTX turning two int16 words of 4-bit codes (4 planes each: bits 4j..4j+3 hold plane j) into
+    the 4 planes' values, two per output register, in fp16/bf16 (MARLIN's trick on this layout):
+    ``(word & 0x000F000F) | magic`` is a half2 whose ulp is 1 (fp16 1024.0, bf16 128.0), and one
+    packed subtraction removes that float and, for symmetric schemes, the zero point. fp16 takes
+    plane 1 (and 3) unshifted as ``1024 + 16 v`` and removes the factor with one fused multiply-add:
+    9 instructions per 8 values (bf16: 11).
+    Outputs ``$0..$3`` = planes 0..3; input ``$4`` = the two words."""
+    zero = symmetric_zero or 0
+    if compute_is_fp16:
+        sub, sixteenth, hi_sub = _half_bits(1024 + zero, True), _half_bits_f(1 / 16), _half_bits_f(-(64 + zero))
+        lines = [".reg .b32 r, c, d, e;", f"mov.b32 c, 0x{sub:04x}{sub:04x};",
+                 f"mov.b32 d, 0x{sixteenth:04x}{sixteenth:04x};", f"mov.b32 e, 0x{hi_sub:04x}{hi_sub:04x};",
+                 "shr.u32 r, $4, 8;"]
+        for out, src, mask in [(0, "$4", "0x000F000F"), (1, "$4", "0x00F000F0"), (2, "r", "0x000F000F"),
+                               (3, "r", "0x00F000F0")]:
+            lines.append(f"lop3.b32 ${out}, {src}, {mask}, 0x64006400, 0xEA;")  # (a & b) | c
+        lines += ["sub.f16x2 $0, $0, c;", "fma.rn.f16x2 $1, $1, d, e;", "sub.f16x2 $2, $2, c;",
+                  "fma.rn.f16x2 $3, $3, d, e;"]
+    else:
+        sub = _half_bits(128 + zero, False)
+        lines = [".reg .b32 r, c;", f"mov.b32 c, 0x{sub:04x}{sub:04x};",
+                 "lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;"]
+        for out in (1, 2, 3):
+            lines += [f"shr.u32 r, $4, {4 * out};", f"lop3.b32 ${out}, r, 0x000F000F, 0x43004300, 0xEA;"]
+        lines += [f"sub.bf16x2 ${i}, ${i}, c;" for i in range(4)]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
@@ -87,6 +106,12 @@ def e4m3_fp16_asm() -> str:
             "mov.b32 {lo, hi}, $2;\n"
             "cvt.rn.f16x2.e4m3x2 $0, lo;\n"
             "cvt.rn.f16x2.e4m3x2 $1, hi;\n}")
+
+
+def _half_bits_f(value: float) -> int:
+    import struct
+
+    return struct.unpack("<H", struct.pack("<e", value))[0]
 
 
 def _half_bits(value: int, fp16: bool) -> int:
@@ -125,7 +150,7 @@ def lowbit_matmul_kernel(
     IS_FLOAT: tl.constexpr, MAN_BITS: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
     SYMMETRIC: tl.constexpr, OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MX: tl.constexpr,
     HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, ASM4: tl.constexpr, ASM8: tl.constexpr,
-    SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr,
+    SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr, ROW_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     TILE_K: tl.constexpr = 128
@@ -159,15 +184,15 @@ def lowbit_matmul_kernel(
                                        SCALE_MX, OFFSET, FLOAT_FACTOR)
 
     for t in range(t_start, t_end):
-        w0 = tl.load(seg0_ptr + rn[:, None] * stride_w0 + t * PD + rp[None, :], mask=n_mask[:, None], other=0,
+        w0 = tl.load(seg0_ptr + _word_offsets(rn, t, rp, stride_w0, PD, ROW_BLOCK), mask=n_mask[:, None], other=0,
                      eviction_policy="evict_first")
         w1 = w0
         w2 = w0
         if SEG1 > 0:
-            w1 = tl.load(seg1_ptr + rn[:, None] * stride_w1 + t * PD + rp[None, :], mask=n_mask[:, None], other=0,
+            w1 = tl.load(seg1_ptr + _word_offsets(rn, t, rp, stride_w1, PD, ROW_BLOCK), mask=n_mask[:, None], other=0,
                          eviction_policy="evict_first")
         if SEG2 > 0:
-            w2 = tl.load(seg2_ptr + rn[:, None] * stride_w2 + t * PD + rp[None, :], mask=n_mask[:, None], other=0,
+            w2 = tl.load(seg2_ptr + _word_offsets(rn, t, rp, stride_w2, PD, ROW_BLOCK), mask=n_mask[:, None], other=0,
                          eviction_policy="evict_first")
         if TILE_SCALE:  # one group per row for the whole tile: scale the tile's partial product instead
             s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, (t * TILE_K) // GROUP_SIZE, n_groups, rn[:, None],
@@ -177,11 +202,11 @@ def lowbit_matmul_kernel(
             part = acc
         if ASM4 != "":  # (dtype tuples must hold plain dtypes, not the COMPUTE constexpr)
             if COMPUTE == tl.float16:
-                planes = tl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [w0], dtype=(tl.float16, tl.float16),
-                                                   is_pure=True, pack=4)
+                planes = tl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [w0], is_pure=True, pack=2,
+                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16))
             else:
-                planes = tl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [w0], dtype=(tl.bfloat16, tl.bfloat16),
-                                                   is_pure=True, pack=4)
+                planes = tl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [w0], is_pure=True, pack=2,
+                                                   dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16))
         for j in tl.static_range(NP):
             k0 = t * TILE_K + j * PD
             if not PER_CHANNEL:
@@ -279,7 +304,7 @@ def lowbit_dequant_kernel(
     BITS: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr, PD: tl.constexpr,
     IS_FLOAT: tl.constexpr, MAN_BITS: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
     SYMMETRIC: tl.constexpr, OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MX: tl.constexpr,
-    COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr,
+    COMPUTE: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """``out[N, K]`` = the weight in ``COMPUTE`` dtype (as ``QuantizedWeight.dequantize(COMPUTE)``)."""
     TILE_K: tl.constexpr = 128
@@ -288,13 +313,13 @@ def lowbit_dequant_kernel(
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rp = tl.arange(0, PD)
     n_mask = rn < N
-    w0 = tl.load(seg0_ptr + rn[:, None] * stride_w0 + t * PD + rp[None, :], mask=n_mask[:, None], other=0)
+    w0 = tl.load(seg0_ptr + _word_offsets(rn, t, rp, stride_w0, PD, ROW_BLOCK), mask=n_mask[:, None], other=0)
     w1 = w0
     w2 = w0
     if SEG1 > 0:
-        w1 = tl.load(seg1_ptr + rn[:, None] * stride_w1 + t * PD + rp[None, :], mask=n_mask[:, None], other=0)
+        w1 = tl.load(seg1_ptr + _word_offsets(rn, t, rp, stride_w1, PD, ROW_BLOCK), mask=n_mask[:, None], other=0)
     if SEG2 > 0:
-        w2 = tl.load(seg2_ptr + rn[:, None] * stride_w2 + t * PD + rp[None, :], mask=n_mask[:, None], other=0)
+        w2 = tl.load(seg2_ptr + _word_offsets(rn, t, rp, stride_w2, PD, ROW_BLOCK), mask=n_mask[:, None], other=0)
     for j in tl.static_range(NP):
         k0 = t * TILE_K + j * PD
         if GROUP_SIZE == -1:
