@@ -140,7 +140,8 @@ def test_mismatched_skeleton_is_left_as_it_was(tmp_path):
 # -- Hugging Face LLaMA --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scheme,dtype", [("int4-g32-asym", torch.float16), ("int3-g32", torch.float32),
-                                          ("fp6_e3m2-channel", torch.bfloat16)])
+                                          ("fp6_e3m2-channel", torch.bfloat16), ("int4-g32-2:4", torch.float16),
+                                          ("fp8_e4m3-channel-2:4", torch.bfloat16)])
 def test_llama_round_trip_is_bit_exact(tmp_path, scheme, dtype):
     model = lowbit.quantize_model(tiny_llama(dtype), scheme, progress=False)
     save_quantized(model, tmp_path / "ckpt")

@@ -12,7 +12,8 @@ from lowbit import QuantLinear, quantize_model
 from lowbit.nn import quantized_linears
 from lowbit.ops import BACKENDS
 
-SCHEMES = ["int4-g32-asym", "int3-g64", "int8-channel", "fp6_e3m2-channel", "fp4_e2m1-g32-mx", "int4-g128"]
+SCHEMES = ["int4-g32-asym", "int3-g64", "int8-channel", "fp6_e3m2-channel", "fp4_e2m1-g32-mx", "int4-g128",
+           "int4-g128-2:4", "fp8_e4m3-channel-2:4"]
 DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -304,7 +305,10 @@ def _op_args(scheme, perm, wdt, xdt, x_shape):
     ("int7-g64", True, torch.float16, torch.float16, (2, 3, 160)),
     ("fp4_e2m1-g32-mx", False, torch.bfloat16, torch.bfloat16, (1, 160)),
     ("fp6_e3m2-channel", False, torch.float16, torch.float32, (4, 160)),
-], ids=["int4-asym-fp32", "int7-perm-fp16-3d", "fp4-mx-bf16", "fp6-w16-x32"])
+    ("int4-g32-asym-2:4", False, torch.float16, torch.float16, (3, 160)),
+    ("int8-channel-2:4", False, torch.bfloat16, torch.float32, (2, 160)),
+], ids=["int4-asym-fp32", "int7-perm-fp16-3d", "fp4-mx-bf16", "fp6-w16-x32", "int4-asym-2of4-fp16",
+        "int8-2of4-wbf16-x32"])
 def test_opcheck(scheme, perm, wdt, xdt, x_shape):
     args = _op_args(scheme, perm, wdt, xdt, x_shape)
     assert args[9] == str(wdt).removeprefix("torch.")

@@ -114,6 +114,9 @@ def test_invalid_schemes_raise_helpful_value_error(text, needle):
     (dict(format="int4", sparsity="1:2"), "'2:4'"),
     (dict(format="int4", sparsity="2:4:"), "'2:4'"),
     (dict(format="int10"), "int2..int8"),
+    (dict(format="int7", sparsity="2:4"), "int7 has no 2:4 variant"),
+    (dict(format="fp7_e3m3", group_size=-1, sparsity="2:4"), "9-bit codes"),
+    (dict(format="fp7_e5m1", sparsity="2:4"), "2 to 6 or of 8 bits"),
 ], ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(f"{k}={v[k]}" for k in v))
 def test_invalid_constructor_arguments(kwargs, needle):
     with pytest.raises(ValueError) as e:
@@ -133,3 +136,22 @@ def test_schemes_are_frozen_values():
         s.group_size = 64
     assert {Scheme.parse("int4-g128"), Scheme.parse("int4-g128"), Scheme.parse("int4-g64")} == \
         {Scheme("int4", 128), Scheme("int4", 64)}
+
+
+@pytest.mark.parametrize("text,code_bits", [("int4-g128", 4), ("int7-channel", 7), ("int2-g16-2:4", 4),
+                                            ("int4-g128-2:4", 6), ("fp6_e3m2-channel-2:4", 8),
+                                            ("int8-channel-2:4", 10), ("fp8_e4m3-g32-mx-2:4", 10)])
+def test_code_bits_add_the_2bit_position_for_2of4(text, code_bits):
+    assert Scheme.parse(text).code_bits == code_bits
+
+
+@pytest.mark.parametrize("k,stored", [(1, 2), (2, 2), (3, 2), (4, 2), (5, 4), (128, 64), (130, 66), (333, 168)])
+def test_stored_columns(k, stored):
+    assert Scheme.parse("int4-g128-2:4").stored_columns(k) == stored  # two per group of four, K padded to 4
+    assert Scheme.parse("int4-g128").stored_columns(k) == k
+
+
+def test_7bit_formats_have_no_2of4_variant_in_the_grammar_either():
+    with pytest.raises(ValueError, match="int7 has no 2:4 variant"):
+        Scheme.parse("int7-g128-2:4")
+    assert Scheme.parse("int7-g128").sparsity is None

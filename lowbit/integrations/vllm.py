@@ -13,6 +13,9 @@ tensor parallelism on the dimensions in ``SHARD_DIMS``:
   groups; per-channel scales are replicated).
 * ``perm`` ``[in]`` (act-order): replicated; the parts of a fused layer must share it.
 
+2:4 sparse schemes are refused (:func:`check_dense`): their compressed columns have no
+tensor-parallel sharding here.
+
 :func:`column_shard`, :func:`row_shard` and :func:`fuse_columns` split a QuantizedWeight the same
 way without vLLM (the tests check them against the unsharded matmul).
 """
@@ -25,9 +28,10 @@ import torch
 
 from .. import pack as _pack
 from ..qweight import QuantizedWeight
+from ..scheme import Scheme
 
 __all__ = ["register", "QUANT_METHOD", "SHARD_DIMS", "column_shard", "row_shard", "fuse_columns",
-           "slice_input_codes", "check_row_parallel", "row_shards_are_word_slices"]
+           "slice_input_codes", "check_row_parallel", "row_shards_are_word_slices", "check_dense"]
 
 QUANT_METHOD = "lowbit"
 # (output_dim, input_dim) of each tensor kind as vLLM shards it; None: not split on that dimension.
@@ -61,6 +65,17 @@ def row_shards_are_word_slices(in_features: int, tp_size: int) -> bool:
     return tp_size == 1 or (in_features // tp_size) % _pack.TILE_K == 0
 
 
+def check_dense(schemes: dict) -> None:
+    """Raise ValueError naming the modules of ``schemes`` (name -> scheme) that are 2:4 sparse: the
+    plugin shards only dense layouts (a sparse row-parallel shard would cut compressed columns)."""
+    sparse = [f"{name} ({scheme})" for name, scheme in schemes.items() if Scheme.parse(scheme).sparsity]
+    if sparse:
+        more = f" and {len(sparse) - 3} more" if len(sparse) > 3 else ""
+        raise ValueError(f"the lowbit vLLM plugin does not serve 2:4 sparse schemes (no tensor-parallel sharding of "
+                         f"their compressed columns): {', '.join(sparse[:3])}{more}; load the checkpoint with "
+                         "lowbit.load_quantized or transformers instead")
+
+
 def check_row_parallel(scheme, in_features: int, tp_size: int, act_order: bool, name: str = "layer") -> None:
     """Raise ValueError where lowbit cannot split the input dimension ``tp_size`` ways."""
     if in_features % tp_size:
@@ -88,6 +103,7 @@ def row_shard(qw: QuantizedWeight, rank: int, tp_size: int) -> QuantizedWeight:
     """Rank ``rank``'s share of the input columns of ``qw`` (row parallelism): its matmul with the
     rank's slice of x is the rank's partial sum of ``x @ W.T``. Packed words are split as vLLM's
     loader splits them where that is right, else repacked as the plugin does after loading."""
+    check_dense({"weight": qw.scheme})
     check_row_parallel(qw.scheme, qw.in_features, tp_size, qw.perm is not None)
     size = qw.in_features // tp_size
     start = rank * size
@@ -150,7 +166,6 @@ def _vllm_classes():
                                                GroupQuantScaleParameter, ModelWeightParameter)
 
     from ..quantize.rtn import scale_storage_dtype
-    from ..scheme import Scheme
     from .transformers import LowbitConfig
 
     class LowbitLinearMethod(LinearMethodBase):
@@ -244,7 +259,9 @@ def _vllm_classes():
 
         @classmethod
         def from_config(cls, config: dict) -> "LowbitVllmConfig":
-            return cls(LowbitConfig.from_dict(config).modules)
+            modules = LowbitConfig.from_dict(config).modules
+            check_dense({name: meta["scheme"] for name, meta in modules.items()})
+            return cls(modules)
 
         def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
             self.modules = hf_to_vllm_mapper.apply_dict(self.modules)

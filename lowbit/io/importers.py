@@ -225,7 +225,8 @@ def _compressed_tensors_args(qc: dict, name: str) -> tuple[dict, str]:
 def _compressed_tensors_layers(qc: dict, tensors: dict[str, torch.Tensor]) -> dict[str, IntWeight]:
     sparsity = (qc.get("sparsity_config") or {}).get("format")
     if sparsity not in (None, "dense"):
-        raise ValueError(f"compressed-tensors sparsity format {sparsity!r} is not supported")
+        raise ValueError(f"compressed-tensors sparsity format {sparsity!r} is not supported: lowbit imports dense "
+                         "(sparsity format 'dense') checkpoints only; its own 2:4 schemes come from lowbit.quantize")
     layers = {}
     for name in _prefixes(tensors, "weight_packed"):
         args, fmt = _compressed_tensors_args(qc, name)
