@@ -512,6 +512,25 @@ def test_checkpoint_claiming_act_order_for_a_sparse_layer_is_refused(tmp_path):
         lowbit.load_quantized(tmp_path / "ckpt", model=_skeleton())
 
 
+def test_transformers_quantizes_while_loading_and_reloads_bit_exact(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama.save_pretrained(tmp_path / "fp")
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "fp",
+                                             quantization_config=lowbit.LowbitConfig(scheme="int4-g32-2:4"))
+    down = q.model.layers[1].mlp.down_proj
+    assert isinstance(down, QuantLinear) and str(down.scheme) == "int4-g32-2:4"
+    assert torch.equal(down.qweight.dequantize(), lowbit.quantize(tiny_llama.model.layers[1].mlp.down_proj.weight,
+                                                                  "int4-g32-2:4").dequantize())
+    q.save_pretrained(tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    a, b = q.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    tokens = torch.tensor([[1, 17, 42, 99, 5]])
+    with torch.no_grad():
+        assert torch.equal(q(tokens).logits, loaded(tokens).logits)
+
+
 # -- what refuses sparse weights -----------------------------------------------------------------------
 
 def test_vllm_plugin_refuses_sparse_schemes():
