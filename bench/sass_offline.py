@@ -25,13 +25,11 @@ qw = random_qweight(scheme, 256, 1024, torch.float16, "cpu")
 consts = {**_scheme_constants(qw, torch.float16), **_fast_path_constants(qw, torch.float16, torch.device("cuda")),
           "HAS_BIAS": False, "EVEN_K": True, "BLOCK_N": block_n, "BLOCK_M": block_m, "SWAP_AB": bool(swap)}
 names = lowbit_matmul_kernel.arg_names
-pointer_types = {"x_ptr": "*fp16", "seg0_ptr": f"*{str(qw.packed[0].dtype).replace('torch.', '')}",
-                 "scales_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp16", "partial_ptr": "*fp32",
-                 "counter_ptr": "*i32"}
-pointer_types = {k: v.replace("uint8", "u8").replace("int16", "i16").replace("int32", "i32") for k, v in
-                 pointer_types.items()}
-pointer_types.update(seg1_ptr=pointer_types["seg0_ptr"], seg2_ptr=pointer_types["seg0_ptr"],
-                     zeros_ptr=pointer_types["scales_ptr"])
+TYPES = {torch.uint8: "*u8", torch.int16: "*i16", torch.int32: "*i32", torch.float16: "*fp16", torch.float32: "*fp32"}
+segs = list(qw.packed) + [qw.packed[0]] * (3 - len(qw.packed))  # as dispatch passes them
+pointer_types = {"x_ptr": "*fp16", "scales_ptr": TYPES[qw.scales.dtype], "bias_ptr": "*fp16", "out_ptr": "*fp16",
+                 "partial_ptr": "*fp32", "counter_ptr": "*i32", "zeros_ptr": "*u8" if qw.zeros is not None else
+                 TYPES[qw.scales.dtype], **{f"seg{i}_ptr": TYPES[t.dtype] for i, t in enumerate(segs)}}
 signature = {a: "constexpr" if a in consts else pointer_types.get(a, "i32") for a in names}
 divisible = [a for a in names if a not in consts and a not in ("split_k", "k_tiles_per_split", "n_groups")]
 source = ASTSource(fn=lowbit_matmul_kernel, signature=signature,

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Per bit width, by hand: (segment width, word dtype, words per row and tile) of each segment.
 LAYOUT_BY_HAND = {
-    10: [(8, torch.int32, 32), (2, torch.uint8, 32)],
+    10: [(4, torch.int16, 32), (4, torch.int16, 32), (2, torch.uint8, 32)],
     8: [(8, torch.uint8, 128)],
     7: [(4, torch.int32, 16), (2, torch.int16, 16), (1, torch.uint8, 16)],
     6: [(4, torch.int16, 32), (2, torch.uint8, 32)],

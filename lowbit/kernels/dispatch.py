@@ -24,7 +24,8 @@ import triton.language as tl
 
 from .. import pack as _pack
 from ..qweight import QuantizedWeight
-from .triton_matmul import e4m3_fp16_asm, int4_words_asm, int8_fp16_asm, lowbit_dequant_kernel, lowbit_matmul_kernel
+from .decoders import e4m3_fp16_asm, int4_words_asm, int8_fp16_asm, planes_asm
+from .triton_matmul import lowbit_dequant_kernel, lowbit_matmul_kernel
 
 __all__ = ["KernelConfig", "matmul", "fused_matmul", "dequantize", "choose_config", "heuristic_config"]
 
@@ -57,8 +58,8 @@ def _scheme_constants(qw: QuantizedWeight, compute: torch.dtype) -> dict:
     fmt = qw.scheme.fmt
     segs = tuple(_pack.SEGMENTS[fmt.bits]) + (0, 0)
     if fmt.is_float:
-        if fmt.exp_bits > 5:
-            raise ValueError(f"{fmt.name}: the kernels decode floats through fp16 and need E <= 5")
+        if not kernels_decode(qw):
+            raise ValueError(f"{fmt.name}: the kernels decode floats through fp16 exponents and need E <= 4")
         float_factor, man_bits, offset = float(2.0 ** (15 - fmt.bias)), fmt.man_bits, 0
     else:
         float_factor, man_bits, offset = 1.0, 0, fmt.offset
@@ -69,20 +70,31 @@ def _scheme_constants(qw: QuantizedWeight, compute: torch.dtype) -> dict:
                 ROW_BLOCK=_pack.ROW_BLOCK)
 
 
+def kernels_decode(qw: QuantizedWeight) -> bool:
+    """Whether the Triton kernels decode this format (floats through fp16 exponent fields: E <= 4)."""
+    return not qw.scheme.fmt.is_float or qw.scheme.fmt.exp_bits <= 4
+
+
 def _fast_path_constants(qw: QuantizedWeight, compute: torch.dtype, device: torch.device) -> dict:
-    """Inline-PTX decoders on a real GPU (the interpreter has no inline asm): int4 (fp16/bf16), and
-    int8 and fp8 e4m3 (fp16). The e4m3 conversion yields true values, so its decode factor is 1."""
+    """Inline-PTX decoders on a real GPU (the interpreter has no inline asm; it decodes in plain
+    Triton): int4 (MARLIN's trick), int8 and fp8 e4m3 in fp16 (byte permutes, the hardware's
+    conversion, whose true values make the decode factor 1), every other format by the generic
+    plane decoder, except 8-bit integers in bf16 (8 bits do not fit bf16's mantissa)."""
     fmt = qw.scheme.fmt
-    on_gpu = device.type == "cuda"
-    out = dict(ASM4="", ASM8="", SCALE_IN_COMPUTE=not fmt.is_float and not qw.scheme.mx and qw.scales.dtype == compute)
-    if on_gpu and not fmt.is_float:
-        zero = fmt.offset if qw.scheme.symmetric else None
-        if fmt.bits == 4:
-            out["ASM4"] = int4_words_asm(compute == torch.float16, zero)
-        elif fmt.bits == 8 and compute == torch.float16:
-            out["ASM8"] = int8_fp16_asm(zero)
-    elif on_gpu and fmt.is_float and (fmt.exp_bits, fmt.man_bits) == (4, 3) and compute == torch.float16:
+    fp16 = compute == torch.float16
+    out = dict(ASM4="", ASM8="", ASMP="", ASMP_REGS="",
+               SCALE_IN_COMPUTE=not fmt.is_float and not qw.scheme.mx and qw.scales.dtype == compute)
+    if device.type != "cuda":
+        return out
+    zero = None if fmt.is_float or not qw.scheme.symmetric else fmt.offset
+    if not fmt.is_float and fmt.bits == 4:
+        out["ASM4"] = int4_words_asm(fp16, zero)
+    elif not fmt.is_float and fmt.bits == 8 and fp16:
+        out["ASM8"] = int8_fp16_asm(zero)
+    elif fmt.is_float and (fmt.exp_bits, fmt.man_bits) == (4, 3) and fp16:
         out.update(ASM8=e4m3_fp16_asm(), FLOAT_FACTOR=1.0)
+    elif fmt.is_float or fmt.bits < 8:
+        out["ASMP"], out["ASMP_REGS"], _ = planes_asm(fmt.bits, fmt.is_float, getattr(fmt, "man_bits", 0), fp16, zero)
     return out
 
 
@@ -209,6 +221,10 @@ def choose_config(m: int, qw: QuantizedWeight, device: torch.device) -> KernelCo
 def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, force_triton: bool = False,
            config: KernelConfig | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T + bias`` on the GPU (or the interpreter with ``force_triton``)."""
+    if not kernels_decode(qw):  # E = 5 floats: exact only through the reference dequantization
+        if force_triton:
+            raise ValueError(f"{qw.scheme}: the Triton kernels decode floats with at most 4 exponent bits")
+        return torch.nn.functional.linear(x, qw.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
     if x.dtype == torch.float32:
         if force_triton:
             raise ValueError("the Triton kernels take float16 or bfloat16 activations, got float32")

@@ -59,69 +59,6 @@ def _decode(code, zero, COMPUTE: tl.constexpr, IS_FLOAT: tl.constexpr, BITS: tl.
     return ((code - zero + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0).to(COMPUTE)
 
 
-def int4_words_asm(compute_is_fp16: bool, symmetric_zero: int | None) -> str:
-    """PTX turning two int16 words of 4-bit codes (4 planes each: bits 4j..4j+3 hold plane j) into
-    the 4 planes' values, two per output register, in fp16/bf16 (MARLIN's trick on this layout):
-    ``(word & 0x000F000F) | magic`` is a half2 whose ulp is 1 (fp16 1024.0, bf16 128.0), and one
-    packed subtraction removes that float and, for symmetric schemes, the zero point. fp16 takes
-    plane 1 (and 3) unshifted as ``1024 + 16 v`` and removes the factor with one fused multiply-add:
-    9 instructions per 8 values (bf16: 11).
-    Outputs ``$0..$3`` = planes 0..3; input ``$4`` = the two words."""
-    zero = symmetric_zero or 0
-    if compute_is_fp16:
-        sub, sixteenth, hi_sub = _half_bits(1024 + zero, True), _half_bits_f(1 / 16), _half_bits_f(-(64 + zero))
-        lines = [".reg .b32 r, c, d, e;", f"mov.b32 c, 0x{sub:04x}{sub:04x};",
-                 f"mov.b32 d, 0x{sixteenth:04x}{sixteenth:04x};", f"mov.b32 e, 0x{hi_sub:04x}{hi_sub:04x};",
-                 "shr.u32 r, $4, 8;"]
-        for out, src, mask in [(0, "$4", "0x000F000F"), (1, "$4", "0x00F000F0"), (2, "r", "0x000F000F"),
-                               (3, "r", "0x00F000F0")]:
-            lines.append(f"lop3.b32 ${out}, {src}, {mask}, 0x64006400, 0xEA;")  # (a & b) | c
-        lines += ["sub.f16x2 $0, $0, c;", "fma.rn.f16x2 $1, $1, d, e;", "sub.f16x2 $2, $2, c;",
-                  "fma.rn.f16x2 $3, $3, d, e;"]
-    else:
-        sub = _half_bits(128 + zero, False)
-        lines = [".reg .b32 r, c;", f"mov.b32 c, 0x{sub:04x}{sub:04x};",
-                 "lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;"]
-        for out in (1, 2, 3):
-            lines += [f"shr.u32 r, $4, {4 * out};", f"lop3.b32 ${out}, r, 0x000F000F, 0x43004300, 0xEA;"]
-        lines += [f"sub.bf16x2 ${i}, ${i}, c;" for i in range(4)]
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-def int8_fp16_asm(symmetric_zero: int | None) -> str:
-    """PTX turning 4 uint8 codes (one register) into 4 fp16 values: two byte permutes place each code
-    in the mantissa of 1024.0, two packed subtractions remove 1024 (+ the symmetric zero point)."""
-    sub_bits = _half_bits(1024 + (symmetric_zero or 0), True)
-    return ("{\n.reg .b32 a, b, c;\n"
-            f"mov.b32 c, 0x{sub_bits:04x}{sub_bits:04x};\n"
-            "prmt.b32 a, $2, 0x64646464, 0x5140;\n"
-            "prmt.b32 b, $2, 0x64646464, 0x7362;\n"
-            "sub.f16x2 $0, a, c;\nsub.f16x2 $1, b, c;\n}")
-
-
-def e4m3_fp16_asm() -> str:
-    """PTX turning 4 fp8 e4m3 codes (one register) into 4 fp16 values with the hardware's exact
-    paired conversion (sm_89+): the true values, so the float decode factor is 1."""
-    return ("{\n.reg .b16 lo, hi;\n"
-            "mov.b32 {lo, hi}, $2;\n"
-            "cvt.rn.f16x2.e4m3x2 $0, lo;\n"
-            "cvt.rn.f16x2.e4m3x2 $1, hi;\n}")
-
-
-def _half_bits_f(value: float) -> int:
-    import struct
-
-    return struct.unpack("<H", struct.pack("<e", value))[0]
-
-
-def _half_bits(value: int, fp16: bool) -> int:
-    import struct
-
-    if fp16:
-        return struct.unpack("<H", struct.pack("<e", float(value)))[0]
-    return struct.unpack("<I", struct.pack("<f", float(value)))[0] >> 16  # exact: small integers
-
-
 @triton.jit
 def _scale_values(scales_ptr, zeros_ptr, g, n_groups, rows, row_mask, N, SYMMETRIC: tl.constexpr,
                   SCALE_MX: tl.constexpr, OFFSET: tl.constexpr, FLOAT_FACTOR: tl.constexpr):
@@ -143,20 +80,67 @@ def _scale_values(scales_ptr, zeros_ptr, g, n_groups, rows, row_mask, N, SYMMETR
 
 
 @triton.jit
+def _asm_planes(ASMP: tl.constexpr, ASMP_REGS: tl.constexpr, w0, w1, w2, NP: tl.constexpr, COMPUTE: tl.constexpr):
+    """The planes of a word tile through :func:`lowbit.kernels.decoders.planes_asm` (4 k per call)."""
+    if COMPUTE == tl.float16:
+        if NP == 1:
+            planes = tl.inline_asm_elementwise(ASMP, ASMP_REGS, [w0, w1, w2], dtype=(tl.float16,), is_pure=True,
+                                               pack=4)
+        elif NP == 4:
+            planes = tl.inline_asm_elementwise(ASMP, ASMP_REGS, [w0, w1, w2], is_pure=True, pack=4,
+                                               dtype=(tl.float16, tl.float16, tl.float16, tl.float16))
+        else:
+            planes = tl.inline_asm_elementwise(ASMP, ASMP_REGS, [w0, w1, w2], is_pure=True, pack=4,
+                                               dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                                                      tl.float16, tl.float16, tl.float16))
+    else:
+        if NP == 1:
+            planes = tl.inline_asm_elementwise(ASMP, ASMP_REGS, [w0, w1, w2], dtype=(tl.bfloat16,), is_pure=True,
+                                               pack=4)
+        elif NP == 4:
+            planes = tl.inline_asm_elementwise(ASMP, ASMP_REGS, [w0, w1, w2], is_pure=True, pack=4,
+                                               dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16))
+        else:
+            planes = tl.inline_asm_elementwise(ASMP, ASMP_REGS, [w0, w1, w2], is_pure=True, pack=4,
+                                               dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                                                      tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16))
+    return planes
+
+
+@triton.jit
+def _minus_zero_sums(part, z, xsum, SWAP_AB: tl.constexpr):
+    """``part - z * sum_k x``: zero points ``z [BLOCK_N, 1]`` (codes) off a product of raw codes
+    (``xsum``: the sums of x in the accumulator's shape)."""
+    if SWAP_AB:
+        out = part - z.to(tl.float32) * xsum
+    else:
+        out = part - xsum * tl.trans(z.to(tl.float32))
+    return out
+
+
+@triton.jit
 def lowbit_matmul_kernel(
     x_ptr, seg0_ptr, seg1_ptr, seg2_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
     M, N, K, stride_xm, stride_om, stride_w0, stride_w1, stride_w2, k_tiles_per_split, n_groups, split_k,
     BITS: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr, PD: tl.constexpr,
     IS_FLOAT: tl.constexpr, MAN_BITS: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
     SYMMETRIC: tl.constexpr, OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MX: tl.constexpr,
-    HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, ASM4: tl.constexpr, ASM8: tl.constexpr,
-    SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr, ROW_BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, ASM4: tl.constexpr, ASM8: tl.constexpr, ASMP: tl.constexpr,
+    ASMP_REGS: tl.constexpr, SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr, ROW_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     TILE_K: tl.constexpr = 128
     NP: tl.constexpr = TILE_K // PD  # planes per tile
     PER_CHANNEL: tl.constexpr = GROUP_SIZE == -1
-    TILE_SCALE: tl.constexpr = GROUP_SIZE >= TILE_K
+    # Groups at least a plane deep scale the partial product of their planes (fp32, once per
+    # accumulator element); shallower groups scale every weight.
+    GROUP_SCALE: tl.constexpr = (not PER_CHANNEL) and GROUP_SIZE >= PD
+    ELEMENT_SCALE: tl.constexpr = (not PER_CHANNEL) and GROUP_SIZE < PD
+    PLANES_PER_GROUP: tl.constexpr = (TILE_K if GROUP_SIZE >= TILE_K else GROUP_SIZE) // PD if GROUP_SCALE else NP
+    # Zero points of whole groups (or rows) leave the weights as raw codes and come off the partial
+    # product: sum_k (q - z) x = sum_k q x - z sum_k x. The matrix unit sums x (a product with
+    # ones), already in the accumulator's layout; a reduction across threads costs far more.
+    ZERO_BY_SUMS: tl.constexpr = (not SYMMETRIC) and (not ELEMENT_SCALE)
 
     num_m_tiles = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
@@ -179,6 +163,8 @@ def lowbit_matmul_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
+    xsum = tl.zeros(acc.shape, dtype=tl.float32)  # sum_k x of the current group, per output element
+    ones = tl.full((BLOCK_N, PD), 1.0, COMPUTE)
     if PER_CHANNEL:
         s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, 0, n_groups, rn[:, None], n_mask[:, None], N, SYMMETRIC,
                                        SCALE_MX, OFFSET, FLOAT_FACTOR)
@@ -194,11 +180,7 @@ def lowbit_matmul_kernel(
         if SEG2 > 0:
             w2 = tl.load(seg2_ptr + _word_offsets(rn, t, rp, stride_w2, PD, ROW_BLOCK), mask=n_mask[:, None], other=0,
                          eviction_policy="evict_first")
-        if TILE_SCALE:  # one group per row for the whole tile: scale the tile's partial product instead
-            s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, (t * TILE_K) // GROUP_SIZE, n_groups, rn[:, None],
-                                           n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
-            part = tl.zeros(acc.shape, dtype=tl.float32)
-        else:
+        if not GROUP_SCALE:
             part = acc
         if ASM4 != "":  # (dtype tuples must hold plain dtypes, not the COMPUTE constexpr)
             if COMPUTE == tl.float16:
@@ -207,32 +189,36 @@ def lowbit_matmul_kernel(
             else:
                 planes = tl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [w0], is_pure=True, pack=2,
                                                    dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16))
+        elif ASMP != "":
+            planes = _asm_planes(ASMP, ASMP_REGS, w0, w1, w2, NP, COMPUTE)
         for j in tl.static_range(NP):
             k0 = t * TILE_K + j * PD
-            if not PER_CHANNEL:
-                if not TILE_SCALE:
-                    if GROUP_SIZE >= PD:  # one group per plane
-                        g = k0 // GROUP_SIZE
-                    else:  # several groups in a plane: per-element scales
-                        g = ((k0 + rp) // GROUP_SIZE)[None, :]
-                    s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, g, n_groups, rn[:, None], n_mask[:, None], N,
-                                                   SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
-            if ASM4 != "":
+            if GROUP_SCALE:
+                if j % PLANES_PER_GROUP == 0:
+                    s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, k0 // GROUP_SIZE, n_groups, rn[:, None],
+                                                   n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
+                    part = tl.zeros(acc.shape, dtype=tl.float32)
+                    if ZERO_BY_SUMS:
+                        xsum = tl.zeros(xsum.shape, dtype=tl.float32)
+            if ELEMENT_SCALE:  # several groups in a plane: per-element scales
+                s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, ((k0 + rp) // GROUP_SIZE)[None, :], n_groups,
+                                               rn[:, None], n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET,
+                                               FLOAT_FACTOR)
+            if ASM4 != "" or ASMP != "":
                 w = planes[j]
             elif ASM8 != "":
                 w = tl.inline_asm_elementwise(ASM8, "=r,=r,r", [w0], dtype=tl.float16, is_pure=True, pack=4)
             else:
-                w = _decode(_extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2), z_tile, COMPUTE, IS_FLOAT,
-                            BITS, MAN_BITS)
-            if ASM4 != "" or ASM8 != "":
-                if not SYMMETRIC:  # the asm left ``code``; the zero point varies per row
+                w = _decode(_extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2), 0 if ZERO_BY_SUMS else z_tile,
+                            COMPUTE, IS_FLOAT, BITS, MAN_BITS)
+            if ASM4 != "" or ASM8 != "" or ASMP != "":
+                if not SYMMETRIC and not ZERO_BY_SUMS:  # the asm left ``code``; the zero point varies per row
                     w = w - z_tile.to(COMPUTE)
-            if not PER_CHANNEL:
-                if not TILE_SCALE:
-                    if SCALE_IN_COMPUTE:
-                        w = w * s_tile.to(COMPUTE)
-                    else:
-                        w = (w.to(tl.float32) * s_tile).to(COMPUTE)
+            if ELEMENT_SCALE:
+                if SCALE_IN_COMPUTE:
+                    w = w * s_tile.to(COMPUTE)
+                else:
+                    w = (w.to(tl.float32) * s_tile).to(COMPUTE)
             rk = k0 + rp
             if SWAP_AB:
                 if EVEN_K:  # no mask along k: the loads stay vectorized and the pipeliner makes them async
@@ -241,6 +227,8 @@ def lowbit_matmul_kernel(
                     xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None],
                                  mask=m_mask[None, :] & (rk[:, None] < K), other=0.0)
                 part = tl.dot(w, xt.to(COMPUTE), part)
+                if ZERO_BY_SUMS:
+                    xsum = tl.dot(ones, xt.to(COMPUTE), xsum)
             else:
                 if EVEN_K:
                     xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None], other=0.0)
@@ -248,15 +236,22 @@ def lowbit_matmul_kernel(
                     xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
                                  mask=m_mask[:, None] & (rk[None, :] < K), other=0.0)
                 part = tl.dot(xs.to(COMPUTE), tl.trans(w), part)
-        if TILE_SCALE:
-            if SWAP_AB:
-                acc += part * s_tile
-            else:
-                acc += part * tl.trans(s_tile)
-        else:
+                if ZERO_BY_SUMS:
+                    xsum = tl.dot(xs.to(COMPUTE), tl.trans(ones), xsum)
+            if GROUP_SCALE:
+                if (j + 1) % PLANES_PER_GROUP == 0:
+                    if ZERO_BY_SUMS:
+                        part = _minus_zero_sums(part, z_tile, xsum, SWAP_AB)
+                    if SWAP_AB:
+                        acc += part * s_tile
+                    else:
+                        acc += part * tl.trans(s_tile)
+        if not GROUP_SCALE:
             acc = part
 
     if PER_CHANNEL:
+        if ZERO_BY_SUMS:
+            acc = _minus_zero_sums(acc, z_tile, xsum, SWAP_AB)
         if SWAP_AB:
             acc = acc * s_tile
         else:

@@ -33,8 +33,9 @@ LAYOUT = "tiled-planes-v3"
 TILE_K = 128
 ROW_BLOCK = 16
 
-# 10 bits: an 8-bit value and a 2-bit position (2:4 sparse schemes of 8-bit formats).
-SEGMENTS = {10: (8, 2), 8: (8,), 7: (4, 2, 1), 6: (4, 2), 5: (4, 1), 4: (4,), 3: (2, 1), 2: (2,)}
+# 10 bits: an 8-bit value and a 2-bit position (2:4 sparse schemes of 8-bit formats), as 4+4+2 so
+# that every word fits 16 bits (32-bit words do not fit the fp16 matrix operand's register layout).
+SEGMENTS = {10: (4, 4, 2), 8: (8,), 7: (4, 2, 1), 6: (4, 2), 5: (4, 1), 4: (4,), 3: (2, 1), 2: (2,)}
 _WORD_DTYPES = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
 
 

@@ -1,0 +1,191 @@
+"""Inline-PTX decoders: packed code words -> fp16/bf16 matrix operands in a few bit operations.
+
+Each function returns the PTX of one ``tl.inline_asm_elementwise`` call (the interpreter has no
+inline asm: there the kernels decode with plain Triton, :func:`..triton_matmul._decode`, the
+same values). The generic :func:`planes_asm` serves every format; int4, int8 and e4m3 have
+shorter special cases.
+
+The idea throughout (MARLIN's, and TC-FPx's): never convert integers to floats. Two values'
+bit fields sit at bits ``p`` and ``16 + p`` of one 32-bit register; one shift moves both to their
+place in a half2 and one ``lop3`` masks them and ORs them into the result.
+
+* floats ``eEmM`` (E <= 4): the sign goes to bit 15 and exponent/mantissa to the low end of the
+  half's exponent and the top of its mantissa. The half is then the true value times
+  ``2^(bias_half - bias)`` (subnormals included); bf16 then multiplies by ``2^(127 - 15)`` so that
+  both dtypes hold the value times ``2^(15 - bias)``, a factor folded into the scale.
+* integers: the code goes into the mantissa of a half whose ulp is 1 (fp16 1024.0, bf16 128.0)
+  and one packed subtraction removes that float and, for symmetric schemes, the zero point.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .. import pack as _pack
+
+__all__ = ["planes_asm", "int4_words_asm", "int8_fp16_asm", "e4m3_fp16_asm", "PACK"]
+
+PACK = 4  # values per inline-asm call of planes_asm: 4 consecutive k of every plane
+_LOP3_AND_OR = "0xEA"  # lop3 truth table of (a & b) | c
+
+
+def _half(value: float, fp16: bool) -> int:
+    """Bits of ``value`` as fp16, or as bf16 (``value`` exact in bf16)."""
+    if fp16:
+        return struct.unpack("<H", struct.pack("<e", value))[0]
+    return struct.unpack("<I", struct.pack("<f", value))[0] >> 16
+
+
+def _pair(bits: int) -> str:
+    return f"0x{bits:04x}{bits:04x}"
+
+
+def _targets(bits: int, is_float: bool, man_bits: int, fp16: bool) -> list[int]:
+    """Bit of the half that code bit ``c`` goes to, for c = 0 .. bits-1."""
+    if not is_float:
+        return list(range(bits))
+    low = (10 if fp16 else 7) - man_bits  # mantissa bits under the half's mantissa top, exponent above
+    return [low + c for c in range(bits - 1)] + [15]
+
+
+def planes_asm(bits: int, is_float: bool, man_bits: int, fp16: bool, symmetric_zero: int | None,
+               code_shift: int = 0) -> tuple[str, str, int]:
+    """PTX decoding ``PACK`` consecutive k of every plane of a ``bits``-bit tile at once.
+
+    Inputs: the segment words of the ``PACK`` values, each segment in as many 32-bit registers as
+    its words take (uint8: 1, int16: 2, int32: 4), three segments always (a format with fewer
+    passes its first segment again, unused). Outputs: per plane two registers of two halves (k and
+    k+1, then k+2 and k+3). ``code_shift``: the code is ``value << code_shift | other bits`` (2:4
+    sparse codes keep the position in the low two bits) and only the value is decoded.
+    Returns (asm, constraints, planes)."""
+    if is_float and bits - code_shift - 1 - man_bits > 4:
+        raise ValueError("the kernels decode floats through fp16 exponents: E <= 4 (E = 5 needs fp16's inf/NaN codes)")
+    segments = _pack.SEGMENTS[bits]
+    depth = _pack.plane_depth(bits)
+    planes = _pack.TILE_K // depth
+    word_bits = [s * _pack.TILE_K // depth for s in segments]
+    value_bits = bits - code_shift
+    targets = _targets(value_bits, is_float, man_bits, fp16)
+    n_out = 2 * planes
+    regs, operand = [], n_out  # input registers per segment, numbered after the outputs
+    for i in range(3):
+        wb = word_bits[i] if i < len(segments) else word_bits[0]
+        regs.append([f"${operand + r}" for r in range(PACK * wb // 32)])
+        operand += PACK * wb // 32
+    lines, temps, pairs = [], 0, {}
+
+    def temp() -> str:
+        nonlocal temps
+        temps += 1
+        return f"t{temps}"
+
+    def pair_register(seg: int, q: int, bit: int) -> tuple[str, int]:
+        """A register with the words of values 2q and 2q+1 of segment ``seg`` at bits 0.. and
+        16.. (as far as bit ``bit`` of a word goes), and where that bit then sits."""
+        wb = word_bits[seg]
+        if wb == 16:
+            return regs[seg][q], bit
+        byte = bit // 8 if wb == 32 else 0
+        key = (seg, q, byte)
+        if key not in pairs:
+            name = temp()
+            if wb == 8:  # one register holds the 4 values' bytes
+                sel = 0x1100 if q == 0 else 0x3322
+                lines.append(f"prmt.b32 {name}, {regs[seg][0]}, {regs[seg][0]}, 0x{sel:04x};")
+            else:  # values 2q, 2q+1 in two registers: their byte ``byte`` to bytes 0 and 2
+                sel = byte | byte << 4 | (4 + byte) << 8 | (4 + byte) << 12
+                lines.append(f"prmt.b32 {name}, {regs[seg][2 * q]}, {regs[seg][2 * q + 1]}, 0x{sel:04x};")
+            pairs[key] = name
+        return pairs[key], bit - 8 * byte
+
+    magic = None if is_float else _half(1024.0 if fp16 else 128.0, fp16)
+    for j in range(planes):
+        for q in range(2):
+            out = f"${2 * j + q}"
+            fields = []  # (segment, first word bit, width, first target bit), code bits low to high
+            shift = bits
+            for seg, s in enumerate(segments):
+                shift -= s
+                for b in range(s):
+                    c = shift + b - code_shift  # value bit held by bit b of this segment
+                    if c < 0:
+                        continue
+                    src, dst = s * j + b, targets[c]
+                    last = fields[-1] if fields else None
+                    if last and last[0] == seg and last[1] + last[2] == src and last[3] + last[2] == dst:
+                        fields[-1] = (seg, last[1], last[2] + 1, last[3])
+                    else:
+                        fields.append((seg, src, 1, dst))
+            acc = None
+            for seg, src, width, dst in fields:
+                reg, at = pair_register(seg, q, src)
+                moved = reg
+                if dst != at:
+                    moved = temp()
+                    op = f"shl.b32 {moved}, {reg}, {dst - at}" if dst > at else f"shr.u32 {moved}, {reg}, {at - dst}"
+                    lines.append(op + ";")
+                mask = _pair(((1 << width) - 1) << dst)
+                if acc is None:
+                    base = _pair(magic) if magic is not None else "0"
+                    lines.append(f"lop3.b32 {out}, {moved}, {mask}, {base}, {_LOP3_AND_OR};")
+                else:
+                    lines.append(f"lop3.b32 {out}, {moved}, {mask}, {out}, {_LOP3_AND_OR};")
+                acc = out
+            if magic is not None:
+                lines.append(f"sub.{'f16x2' if fp16 else 'bf16x2'} {out}, {out}, c;")
+            elif not fp16:  # to fp16's scale: bf16's tiny exponents would underflow in the products
+                lines.append(f"fma.rn.bf16x2 {out}, {out}, c, z;")
+    decl = [f".reg .b32 c, z{''.join(f', t{i + 1}' for i in range(temps))};"]  # (f16x2 operands: registers only)
+    if magic is not None:
+        decl.append(f"mov.b32 c, {_pair(_half((1024.0 if fp16 else 128.0) + (symmetric_zero or 0), fp16))};")
+    elif not fp16:
+        decl += [f"mov.b32 c, {_pair(_half(2.0 ** 112, False))};", "mov.b32 z, 0x80008000;"]
+    asm = "{\n" + "\n".join(decl + lines) + "\n}"
+    constraints = ",".join(["=r"] * n_out + ["r"] * (operand - n_out))
+    return asm, constraints, planes
+
+
+def int4_words_asm(fp16: bool, symmetric_zero: int | None) -> str:
+    """PTX turning two int16 words of 4-bit codes (4 planes each: bits 4j..4j+3 hold plane j) into
+    the 4 planes' values, two per output register: ``(word & 0x000F000F) | magic`` is a half2
+    whose ulp is 1, and one packed subtraction removes the magic and the zero point. fp16 takes
+    planes 1 and 3 unshifted as ``1024 + 16 v`` and removes the factor with one fused multiply-add:
+    9 instructions per 8 values (bf16: 11). Outputs ``$0..$3`` = planes 0..3; input ``$4``."""
+    zero = symmetric_zero or 0
+    if fp16:
+        sub, sixteenth, hi_sub = _half(1024 + zero, True), _half(1 / 16, True), _half(-(64 + zero), True)
+        lines = [".reg .b32 r, c, d, e;", f"mov.b32 c, {_pair(sub)};", f"mov.b32 d, {_pair(sixteenth)};",
+                 f"mov.b32 e, {_pair(hi_sub)};", "shr.u32 r, $4, 8;"]
+        for out, src, mask in [(0, "$4", "0x000F000F"), (1, "$4", "0x00F000F0"), (2, "r", "0x000F000F"),
+                               (3, "r", "0x00F000F0")]:
+            lines.append(f"lop3.b32 ${out}, {src}, {mask}, 0x64006400, {_LOP3_AND_OR};")
+        lines += ["sub.f16x2 $0, $0, c;", "fma.rn.f16x2 $1, $1, d, e;", "sub.f16x2 $2, $2, c;",
+                  "fma.rn.f16x2 $3, $3, d, e;"]
+    else:
+        sub = _half(128 + zero, False)
+        lines = [".reg .b32 r, c;", f"mov.b32 c, {_pair(sub)};",
+                 f"lop3.b32 $0, $4, 0x000F000F, 0x43004300, {_LOP3_AND_OR};"]
+        for out in (1, 2, 3):
+            lines += [f"shr.u32 r, $4, {4 * out};", f"lop3.b32 ${out}, r, 0x000F000F, 0x43004300, {_LOP3_AND_OR};"]
+        lines += [f"sub.bf16x2 ${i}, ${i}, c;" for i in range(4)]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+def int8_fp16_asm(symmetric_zero: int | None) -> str:
+    """PTX turning 4 uint8 codes (one register) into 4 fp16 values: two byte permutes place each code
+    in the mantissa of 1024.0, two packed subtractions remove 1024 (+ the symmetric zero point)."""
+    sub = _half(1024 + (symmetric_zero or 0), True)
+    return ("{\n.reg .b32 a, b, c;\n"
+            f"mov.b32 c, {_pair(sub)};\n"
+            "prmt.b32 a, $2, 0x64646464, 0x5140;\n"
+            "prmt.b32 b, $2, 0x64646464, 0x7362;\n"
+            "sub.f16x2 $0, a, c;\nsub.f16x2 $1, b, c;\n}")
+
+
+def e4m3_fp16_asm() -> str:
+    """PTX turning 4 fp8 e4m3 codes (one register) into 4 fp16 values with the hardware's exact
+    paired conversion (sm_89+): the true values, so the float decode factor is 1."""
+    return ("{\n.reg .b16 lo, hi;\n"
+            "mov.b32 {lo, hi}, $2;\n"
+            "cvt.rn.f16x2.e4m3x2 $0, lo;\n"
+            "cvt.rn.f16x2.e4m3x2 $1, hi;\n}")
