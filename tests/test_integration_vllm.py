@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.integrations.vllm import column_shard, fuse_columns, row_shard, slice_input_codes
+from lowbit.integrations.vllm import (check_output_partitions, column_shard, fuse_columns, row_shard,
+                                      slice_input_codes)
 
 E2E_SCRIPT = Path(__file__).with_name("vllm_e2e_script.py")
 VLLM_SNIPPET = Path(__file__).parents[1] / "docs" / "snippets" / "vllm_generate.py"
@@ -99,9 +100,39 @@ def test_row_parallel_last_rank_on_a_tile_boundary():
 def test_word_slices_equal_repacking():
     """On tile boundaries the packed words are sliced; that must equal unpack, slice, repack."""
     qw = weight(8, 640, "int5-g32")
-    plain = slice_input_codes(qw.packed, 5, 640, 256, 384)
+    plain = slice_input_codes(qw.packed, 5, 640, 256, 384, rows=8)
     repacked = lowbit.pack.pack_codes(qw.codes()[:, 256:], 5)
     assert all(torch.equal(a, b) for a, b in zip(plain, repacked))
+
+
+def test_column_shards_are_whole_row_blocks_but_the_last_may_end_on_the_last_row():
+    qw = weight(40, 128, "int4-g32-asym")  # blocks of rows 0-15, 16-31 and 32-39
+    for start, size in [(0, 16), (16, 24), (32, 8), (0, 40)]:
+        assert torch.equal(dense(column_shard(qw, start, size)), dense(qw)[start:start + size])
+    with pytest.raises(ValueError, match=r"column_shard: output rows \[8, 24\) of 40 are not whole 16-row blocks"):
+        column_shard(qw, 8, 16)
+    with pytest.raises(ValueError, match=r"output rows \[0, 24\) of 40 .* multiples of 16"):
+        column_shard(qw, 0, 24)
+
+
+def test_fused_parts_are_whole_row_blocks_but_the_last_may_end_on_the_last_row():
+    gate, up = weight(32, 128, "int3-g16-asym", 1), weight(24, 128, "int3-g16-asym", 2)
+    fused = fuse_columns([gate, up])
+    assert torch.equal(dense(fused), torch.cat([dense(gate), dense(up)]))
+    assert torch.equal(dense(column_shard(fused, 32, 24)), dense(up))
+    with pytest.raises(ValueError, match=r"fuse_columns part 0: output rows \[0, 24\) of 56 are not whole"):
+        fuse_columns([up, gate])
+
+
+def test_vllm_output_partitions_are_whole_row_blocks():
+    check_output_partitions("o_proj", [40], 40)  # not split: the last block may be partial
+    check_output_partitions("qkv_proj", [64, 16, 16], 192)
+    with pytest.raises(ValueError, match=r"qkv_proj: .* partitions of \[64, 24, 24\] rows .* multiples of 16"):
+        check_output_partitions("qkv_proj", [64, 24, 24], 112)  # fused, even unsharded
+    with pytest.raises(ValueError, match=r"gate_up_proj: .* partitions of \[168, 168\] rows"):
+        check_output_partitions("gate_up_proj", [168, 168], 672)  # tensor parallel size 2
+    with pytest.raises(ValueError, match=r"fc1: .* partitions of \[20\] rows"):
+        check_output_partitions("fc1", [20], 40)  # column parallel, tensor parallel size 2
 
 
 def test_row_parallel_rejects_what_lowbit_cannot_split():
@@ -155,11 +186,31 @@ def assert_greedy_like_transformers(model_dir, prompts, vllm_outputs, min_compar
     assert compared >= min_compared, f"only {compared} tokens were not near-ties"
 
 
+@pytest.mark.vllm
+@pytest.mark.skipif(vllm_python() is None, reason="no Python with vLLM (set LOWBIT_VLLM_PYTHON)")
+def test_vllm_layer_refuses_output_partitions_of_partial_row_blocks():
+    """The plugin's create_weights refuses, before vLLM would load the packed rows at wrong block
+    offsets, a gate_up_proj of 2 x 336 rows at tensor-parallel size 2 (168 rows a part and rank)."""
+    script = """
+import torch
+import lowbit
+from lowbit.integrations.vllm import LowbitLinearMethod
+
+method = LowbitLinearMethod(lowbit.Scheme.parse("int4-g32"), torch.bfloat16, False, "mlp.gate_up_proj")
+method.create_weights(None, 256, [168, 168], 256, 672, torch.bfloat16, weight_loader=None)
+"""
+    run = subprocess.run([vllm_python(), "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    expected = "ValueError: mlp.gate_up_proj: vLLM gives this rank output partitions of [168, 168] rows"
+    assert expected in run.stderr, run.stderr[-3000:]
+
+
 @pytest.fixture
 def tiny_llama_int4(tmp_path):
     """A save_pretrained checkpoint (quantized while loading) of a 2-layer random LLaMA: head_dim 64
     for vLLM's CPU attention; down_proj's 320 inputs leave a partial 128-wide tile, and at TP 2 its
-    160-column shards are repacked while o_proj's 128 are word slices."""
+    160-column shards are repacked while o_proj's 128 are word slices. The fused parts are whole
+    16-row blocks at TP 2 too (a rank's q: 128 rows, k and v: 64, gate and up: 160)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

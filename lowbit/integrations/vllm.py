@@ -5,10 +5,15 @@ call :func:`register` in every process; the checkpoint's ``quant_method: "lowbit
 the method. Each quantized linear layer gets lowbit's tensors as vLLM parameters, sharded for
 tensor parallelism on the dimensions in ``SHARD_DIMS``:
 
-* ``packed_i`` ``[out, words]``: rows are output features (column-parallel slices rows); the
-  input dimension is cut in ``TILE_K``-wide tiles, so a row-parallel shard whose input size is a
-  multiple of ``TILE_K`` is a plain slice of words. Any other row-parallel shard is loaded whole
-  and repacked to the rank's columns in ``process_weights_after_loading``.
+* ``packed_i`` ``[row blocks, words]`` (layout ``tiled-planes-v3``, see :mod:`lowbit.pack`): dim 0
+  holds blocks of ``ROW_BLOCK = 16`` output rows, so column-parallel shards and the parts of fused
+  QKV / gate-up layers are whole blocks: their row offsets and sizes must be multiples of 16
+  (only the last part of a layer may end on its last row). vLLM gets the packed tensors as
+  ``PackedvLLMParameter`` packed on the output dimension by 16, and divides its fused-shard row
+  offsets accordingly. Within a block, the input dimension is cut in ``TILE_K``-wide tiles, tile
+  after tile, so a row-parallel shard whose input size is a multiple of ``TILE_K`` is a plain
+  slice of words. Any other row-parallel shard is loaded whole and repacked to the rank's columns
+  in ``process_weights_after_loading``.
 * ``scales``/``zeros`` ``[groups, out]``: column-parallel slices dim 1, row-parallel dim 0 (whole
   groups; per-channel scales are replicated).
 * ``perm`` ``[in]`` (act-order): replicated; the parts of a fused layer must share it.
@@ -31,7 +36,8 @@ from ..qweight import QuantizedWeight
 from ..scheme import Scheme
 
 __all__ = ["register", "QUANT_METHOD", "SHARD_DIMS", "column_shard", "row_shard", "fuse_columns",
-           "slice_input_codes", "check_row_parallel", "row_shards_are_word_slices", "check_dense"]
+           "slice_input_codes", "check_row_parallel", "row_shards_are_word_slices", "check_dense",
+           "check_row_blocks", "check_output_partitions"]
 
 QUANT_METHOD = "lowbit"
 # (output_dim, input_dim) of each tensor kind as vLLM shards it; None: not split on that dimension.
@@ -41,7 +47,7 @@ SHARD_DIMS = {"packed": (0, 1), "scales": (1, 0), "zeros": (1, 0), "perm": (None
 # -- sharding without vLLM -----------------------------------------------------------------------
 
 def _words(k: int, bits: int) -> int:
-    """Packed columns (of every segment) holding ``k`` input columns (``k`` rounded up to whole tiles)."""
+    """Words of a row block (in every segment) holding ``k`` input columns (``k`` rounded up to whole tiles)."""
     return _pack.segment_shape(1, k, bits)[1]
 
 
@@ -50,12 +56,14 @@ def input_slice_is_plain(in_features: int, start: int, size: int) -> bool:
     return start % _pack.TILE_K == 0 and (size % _pack.TILE_K == 0 or start + size == in_features)
 
 
-def slice_input_codes(packed, bits: int, in_features: int, start: int, size: int) -> tuple[torch.Tensor, ...]:
-    """Packed codes of input columns ``[start, start+size)``: a slice of words on tile boundaries,
-    else unpack, slice and pack again (a tile mixes the columns of two shards)."""
+def slice_input_codes(packed, bits: int, in_features: int, start: int, size: int, *,
+                      rows: int) -> tuple[torch.Tensor, ...]:
+    """Packed codes of input columns ``[start, start+size)`` of a ``[rows, in_features]`` weight: a
+    slice of words on tile boundaries, else unpack, slice and pack again (a tile mixes the columns
+    of two shards)."""
     if input_slice_is_plain(in_features, start, size):
         return tuple(p[:, _words(start, bits): _words(start, bits) + _words(size, bits)] for p in packed)
-    codes = _pack.unpack_codes(tuple(packed), bits, in_features)[:, start:start + size]
+    codes = _pack.unpack_codes(tuple(packed), bits, in_features, rows=rows)[:, start:start + size]
     return _pack.pack_codes(codes.contiguous(), bits)
 
 
@@ -89,14 +97,42 @@ def check_row_parallel(scheme, in_features: int, tp_size: int, act_order: bool, 
                          f"{scheme.group_size}-column groups")
 
 
+def check_row_blocks(name: str, start: int, size: int, rows: int) -> None:
+    """Raise ValueError unless output rows ``[start, start+size)`` of a ``rows``-row weight are whole
+    ``ROW_BLOCK``-row blocks of the packed layout (a range ending on ``rows`` may end in a partial block)."""
+    if start % _pack.ROW_BLOCK or (size % _pack.ROW_BLOCK and start + size != rows):
+        raise ValueError(f"{name}: output rows [{start}, {start + size}) of {rows} are not whole "
+                         f"{_pack.ROW_BLOCK}-row blocks of the packed layout {_pack.LAYOUT}: the offset and size "
+                         f"must be multiples of {_pack.ROW_BLOCK} (only a part ending on row {rows} may be shorter)")
+
+
+def check_output_partitions(name: str, partition_sizes: list[int], output_size: int) -> None:
+    """Raise ValueError unless vLLM can load each of a layer's output partitions (the rank's rows of
+    each fused part) as whole row blocks: vLLM divides the partitions' row offsets and sizes by
+    ``ROW_BLOCK`` rounding down, so only a layer whose one partition is its whole output (not
+    column-sharded, not fused) may end in a partial block."""
+    if partition_sizes == [output_size]:
+        return
+    if any(size % _pack.ROW_BLOCK for size in partition_sizes):
+        raise ValueError(f"{name}: vLLM gives this rank output partitions of {partition_sizes} rows (one per fused "
+                         f"part; {output_size} rows over all ranks), which must be multiples of {_pack.ROW_BLOCK}: the "
+                         f"packed layout {_pack.LAYOUT} stores rows in {_pack.ROW_BLOCK}-row blocks; use a "
+                         "tensor_parallel_size that leaves whole blocks, or load the checkpoint with "
+                         "lowbit.load_quantized or transformers")
+
+
 def column_shard(qw: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
-    """Output rows ``[start, start+size)`` of ``qw`` (column parallelism)."""
+    """Output rows ``[start, start+size)`` of ``qw`` (column parallelism): whole 16-row blocks."""
+    check_row_blocks("column_shard", start, size, qw.out_features)
+    first_block = start // _pack.ROW_BLOCK
+    out_dim = SHARD_DIMS["packed"][0]
+    packed = tuple(p.narrow(out_dim, first_block, _pack.row_blocks(start + size) - first_block) for p in qw.packed)
 
     def rows(t, kind):
         return None if t is None else t.narrow(SHARD_DIMS[kind][0], start, size)
 
-    return QuantizedWeight(qw.scheme, (size, qw.in_features), tuple(rows(p, "packed") for p in qw.packed),
-                           rows(qw.scales, "scales"), rows(qw.zeros, "zeros"), qw.perm, qw.dtype)
+    return QuantizedWeight(qw.scheme, (size, qw.in_features), packed, rows(qw.scales, "scales"),
+                           rows(qw.zeros, "zeros"), qw.perm, qw.dtype)
 
 
 def row_shard(qw: QuantizedWeight, rank: int, tp_size: int) -> QuantizedWeight:
@@ -112,7 +148,7 @@ def row_shard(qw: QuantizedWeight, rank: int, tp_size: int) -> QuantizedWeight:
         packed = tuple(p.narrow(in_dim, rank * (p.shape[in_dim] // tp_size), p.shape[in_dim] // tp_size)
                        for p in qw.packed)
     else:
-        packed = slice_input_codes(qw.packed, qw.scheme.bits, qw.in_features, start, size)
+        packed = slice_input_codes(qw.packed, qw.scheme.bits, qw.in_features, start, size, rows=qw.out_features)
 
     def groups(t, kind):
         if t is None or qw.scheme.per_channel:  # one group spans every rank's columns
@@ -125,18 +161,24 @@ def row_shard(qw: QuantizedWeight, rank: int, tp_size: int) -> QuantizedWeight:
 
 
 def fuse_columns(parts: list[QuantizedWeight]) -> QuantizedWeight:
-    """One weight whose rows are those of ``parts`` in order (fused QKV, gate/up)."""
+    """One weight whose rows are those of ``parts`` in order (fused QKV, gate/up): the packed row
+    blocks are concatenated, so every part but the last must be whole 16-row blocks."""
     first = parts[0]
     for p in parts[1:]:
         if (p.scheme, p.in_features, p.dtype) != (first.scheme, first.in_features, first.dtype):
             raise ValueError(f"cannot fuse {p} with {first}: scheme, in_features and dtype must match")
         if (p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm)):
             raise ValueError("cannot fuse act-order weights with different permutations")
+    rows = sum(p.out_features for p in parts)
+    start = 0
+    for i, p in enumerate(parts):
+        check_row_blocks(f"fuse_columns part {i}", start, p.out_features, rows)
+        start += p.out_features
 
     def cat(ts, kind):
         return None if ts[0] is None else torch.cat(ts, SHARD_DIMS[kind][0])
 
-    return QuantizedWeight(first.scheme, (sum(p.out_features for p in parts), first.in_features),
+    return QuantizedWeight(first.scheme, (rows, first.in_features),
                            tuple(cat(seg, "packed") for seg in zip(*(p.packed for p in parts))),
                            cat([p.scales for p in parts], "scales"), cat([p.zeros for p in parts], "zeros"),
                            first.perm, first.dtype)
@@ -163,7 +205,7 @@ def _vllm_classes():
     from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
     from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
     from vllm.model_executor.parameter import (BasevLLMParameter, ChannelQuantScaleParameter,
-                                               GroupQuantScaleParameter, ModelWeightParameter)
+                                               GroupQuantScaleParameter, PackedvLLMParameter)
 
     from ..quantize.rtn import scale_storage_dtype
     from .transformers import LowbitConfig
@@ -179,21 +221,24 @@ def _vllm_classes():
                            output_size, params_dtype, **extra_weight_attrs):
             weight_loader = extra_weight_attrs["weight_loader"]
             n, k = sum(output_partition_sizes), input_size_per_partition
+            check_output_partitions(self.prefix, output_partition_sizes, output_size)
             tp_size = input_size // k  # > 1: row parallel
             if tp_size > 1:
                 check_row_parallel(self.scheme, input_size, tp_size, self.act_order, self.prefix)
             # A shard that is not whole tiles is loaded whole and cut to the rank's columns after loading.
             repack = not row_shards_are_word_slices(input_size, tp_size)
             layer.lowbit_loaded_input = (input_size, layer.tp_rank * k) if repack else (k, 0)  # (columns, offset)
-            layer.lowbit_in_features = k
+            layer.lowbit_out_features, layer.lowbit_in_features = n, k
             bits = self.scheme.bits
             for name, s in zip(self.packed_names, _pack.SEGMENTS[bits]):
                 data = torch.empty(_pack.segment_shape(n, input_size if repack else k, bits),
                                    dtype=_pack.segment_dtype(bits, s))
                 out_dim, in_dim = SHARD_DIMS["packed"]
+                # packed_factor: vLLM's row offsets of fused parts become offsets in row blocks.
                 layer.register_parameter(name, BasevLLMParameter(data=data, weight_loader=weight_loader) if repack else
-                                         ModelWeightParameter(data=data, output_dim=out_dim, input_dim=in_dim,
-                                                              weight_loader=weight_loader))
+                                         PackedvLLMParameter(data=data, output_dim=out_dim, input_dim=in_dim,
+                                                             packed_dim=out_dim, packed_factor=_pack.ROW_BLOCK,
+                                                             weight_loader=weight_loader))
             groups = 1 if self.scheme.per_channel else -(-k // self.scheme.group_size)
             group_tensors = {"scales": scale_storage_dtype(self.scheme, self.dtype)}
             if not self.scheme.symmetric:
@@ -214,7 +259,8 @@ def _vllm_classes():
             packed = [getattr(layer, name).data for name in self.packed_names]
             loaded_k, start = layer.lowbit_loaded_input
             if loaded_k != layer.lowbit_in_features:
-                packed = slice_input_codes(packed, self.scheme.bits, loaded_k, start, layer.lowbit_in_features)
+                packed = slice_input_codes(packed, self.scheme.bits, loaded_k, start, layer.lowbit_in_features,
+                                           rows=layer.lowbit_out_features)
             # Plain parameters from here on: the forward needs no weight loaders.
             for name, data in zip(self.packed_names, packed):
                 setattr(layer, name, nn.Parameter(data.contiguous(), requires_grad=False))
@@ -225,7 +271,7 @@ def _vllm_classes():
         def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
             return torch.ops.lowbit.matmul(
                 x, [getattr(layer, name) for name in self.packed_names], layer.scales, getattr(layer, "zeros", None),
-                getattr(layer, "perm", None), bias, str(self.scheme), layer.scales.shape[1],
+                getattr(layer, "perm", None), bias, str(self.scheme), layer.lowbit_out_features,
                 layer.lowbit_in_features, str(self.dtype).removeprefix("torch."), "auto")
 
     def load_shared_perm(param, loaded_weight: torch.Tensor, *shard_id) -> None:
