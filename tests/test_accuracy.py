@@ -27,9 +27,9 @@ def test_schemes_take_their_own_methods_and_readme_is_exactly_the_issue_table():
         ("int4-g128", "rtn"), ("int4-g128", "clip"), ("int4-g128", "gptq"), ("int4-g128", "gptq-act"),
         ("int4-g32-asym", "rtn"),
         ("int3-g64", "rtn"), ("int3-g64", "clip"), ("int3-g64", "gptq"),
-        ("fp6_e3m2-channel", "rtn"), ("fp6_e3m2-channel", "gptq"),
-        ("fp6_e2m3-channel", "rtn"), ("fp6_e2m3-channel", "gptq"),
-        ("fp5_e2m2-channel", "rtn"), ("fp5_e2m2-channel", "gptq"),
+        ("fp6_e3m2-channel", "rtn"), ("fp6_e3m2-channel", "gptq"), ("fp6_e3m2-channel", "gptq-act"),
+        ("fp6_e2m3-channel", "rtn"), ("fp6_e2m3-channel", "gptq"), ("fp6_e2m3-channel", "gptq-act"),
+        ("fp5_e2m2-channel", "rtn"), ("fp5_e2m2-channel", "gptq"), ("fp5_e2m2-channel", "gptq-act"),
         ("fp4_e2m1-g32", "rtn"), ("fp4_e2m1-g32", "gptq")]
     # The default stays the quick RTN table.
     parser = argparse.ArgumentParser()

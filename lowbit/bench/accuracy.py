@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import functools
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -27,13 +25,16 @@ from .. import data
 from ..eval import evaluate
 from ..nn import QuantLinear, quantize_model, quantized_linears
 from ..scheme import Scheme
+from .common import run_metadata
 
 DEFAULT_SCHEMES = ["int8-channel", "int4-g128", "int4-g32-asym", "int3-g64", "fp6_e3m2-channel",
                    "fp6_e2m3-channel", "fp5_e2m2-channel", "fp4_e2m1-g32"]
 README = "readme"
-# The README's table (issue 6): clipping search and GPTQ where GPTQ's targets compare them with RTN.
+# The README's table (issue 6): clipping search and GPTQ where GPTQ's targets compare them with RTN;
+# act-order too for the per-channel float formats, where it costs nothing (no group scales to reorder).
 README_TABLE = ("int8-channel,int4-g128:rtn+clip+gptq+gptq-act,int4-g32-asym,int3-g64:rtn+clip+gptq,"
-                "fp6_e3m2-channel:rtn+gptq,fp6_e2m3-channel:rtn+gptq,fp5_e2m2-channel:rtn+gptq,fp4_e2m1-g32:rtn+gptq")
+                "fp6_e3m2-channel:rtn+gptq+gptq-act,fp6_e2m3-channel:rtn+gptq+gptq-act,"
+                "fp5_e2m2-channel:rtn+gptq+gptq-act,fp4_e2m1-g32:rtn+gptq")
 METHODS = {  # name -> (quantizer, options)
     "rtn": ("rtn", {}),
     "clip": ("rtn", {"clip_search": True}),
@@ -112,15 +113,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-len", type=int, default=data.CALIBRATION_LEN, help="GPTQ calibration sequence length")
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def bits_per_weight(model: nn.Module) -> float:
     """Payload bits per weight over all quantized linears (codes, scales, zero points), weighted by size."""
     layers = [m.qweight for m in model.modules() if isinstance(m, QuantLinear)]
@@ -189,6 +181,8 @@ def run(args: argparse.Namespace) -> dict:
             calibration()  # tokenized once, outside the timed quantization
         t = time.perf_counter()
         _quantize(qmodel, scheme, method, calibration, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the time of the work, not of its queueing
         quantize_s = time.perf_counter() - t
         t = time.perf_counter()
         result = evaluate(qmodel, tokens, **window, reference=base.reference, desc=f"{scheme} {method}")
@@ -201,9 +195,8 @@ def run(args: argparse.Namespace) -> dict:
     return {"kind": "accuracy", "model": data.DEFAULT_MODEL_NAME, "text": str(text_path),
             "tokens_evaluated": base.tokens_evaluated, "seq_len": args.seq_len, "stride": args.stride,
             "calibration": {"seqs": args.calib_seqs, "seq_len": args.calib_len},
-            "device": str(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "commit": _git_commit(), "torch": torch.__version__, "runtime_s": time.perf_counter() - started,
-            "rows": rows}
+            **run_metadata(device), "cpu_threads": torch.get_num_threads(),
+            "runtime_s": time.perf_counter() - started, "rows": rows}
 
 
 def _row_line(row: dict) -> str:
