@@ -164,23 +164,23 @@ def _num_sms(device: torch.device) -> int:
 def heuristic_config(m: int, n: int, k: int, bits: int, sms: int) -> KernelConfig:
     """A config from what tuning found on Hopper (used where no tuned entry exists).
 
-    Up to 128 tokens: weights as the wide operand (swap A/B), 64-row tiles; up to 32 tokens 2 warps
-    (Triton then emits mma.sync; its wgmma path waits for every product of the plane loop), and
-    split-K until about 8 programs per SM; larger batches 64-token tiles, 4 warps, about 2 programs
-    per SM. Past 128 tokens: dequantize once and call cuBLAS.
+    Up to 128 tokens: weights as the wide operand (swap A/B). Up to 32 tokens 128-row tiles and 4
+    warps, split-K until about 12 programs per SM (the loop is latency-bound: more programs in
+    flight hide more of it); larger batches 64-row by 64-token tiles, about 2 programs per SM.
+    Past 128 tokens: dequantize once and call cuBLAS.
     """
     if m > 128:
         return KernelConfig(path="dequant")
     k_tiles = triton.cdiv(k, _pack.TILE_K)
     small = m <= 32
+    block_n = 128 if small else 64
     block_m = max(16, triton.next_power_of_2(m)) if small else 64
-    tiles = triton.cdiv(n, 64) * triton.cdiv(m, block_m)
-    target = (8 if small else 2) * sms
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    target = (12 if small else 2) * sms
     split = 1
     while tiles * split < target and split < min(8, max(1, k_tiles // 4)):
         split += 1
-    return KernelConfig(block_n=64, block_m=block_m, split_k=split, swap_ab=True, num_warps=2 if small else 4,
-                        num_stages=3)
+    return KernelConfig(block_n=block_n, block_m=block_m, split_k=split, swap_ab=True, num_warps=4, num_stages=3)
 
 
 def _gpu_slug(device: torch.device) -> str:

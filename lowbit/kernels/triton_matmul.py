@@ -169,7 +169,17 @@ def lowbit_matmul_kernel(
         s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, 0, n_groups, rn[:, None], n_mask[:, None], N, SYMMETRIC,
                                        SCALE_MX, OFFSET, FLOAT_FACTOR)
 
+    # One group per tile (g >= 128): its scales are loaded a tile ahead (the pipeliner only prefetches
+    # dot operands; a scale load in the loop stalled every iteration on DRAM latency, ncu).
+    TILE_GROUP: tl.constexpr = GROUP_SCALE and PLANES_PER_GROUP == NP
+    if TILE_GROUP:
+        s_next, z_next = _scale_values(scales_ptr, zeros_ptr, (t_start * TILE_K) // GROUP_SIZE, n_groups, rn[:, None],
+                                       n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
     for t in range(t_start, t_end):
+        if TILE_GROUP:
+            s_tile, z_tile = s_next, z_next
+            s_next, z_next = _scale_values(scales_ptr, zeros_ptr, ((t + 1) * TILE_K) // GROUP_SIZE, n_groups,
+                                           rn[:, None], n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
         w0 = tl.load(seg0_ptr + _word_offsets(rn, t, rp, stride_w0, PD, ROW_BLOCK), mask=n_mask[:, None], other=0,
                      eviction_policy="evict_first")
         w1 = w0
@@ -195,8 +205,9 @@ def lowbit_matmul_kernel(
             k0 = t * TILE_K + j * PD
             if GROUP_SCALE:
                 if j % PLANES_PER_GROUP == 0:
-                    s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, k0 // GROUP_SIZE, n_groups, rn[:, None],
-                                                   n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
+                    if not TILE_GROUP:
+                        s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, k0 // GROUP_SIZE, n_groups, rn[:, None],
+                                                       n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
                     part = tl.zeros(acc.shape, dtype=tl.float32)
                     if ZERO_BY_SUMS:
                         xsum = tl.zeros(xsum.shape, dtype=tl.float32)

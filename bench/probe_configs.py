@@ -1,0 +1,58 @@
+"""Time a grid of fused-kernel configs on one scheme and shape (the benchmark's method: CUDA-graph
+replay over weight copies > 3x L2), to see which knobs matter before a full `lowbit tune`.
+
+    python bench/probe_configs.py int4-g128 8192x57344 --ms 1 16 --block-n 64 128 --warps 2 4 \
+        --stages 3 4 --splits 1 2 4
+"""
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.bench.common import clone_qweight, copies_for, graph_time_us, random_qweight
+from lowbit.kernels import dispatch
+from lowbit.kernels.dispatch import KernelConfig
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("scheme")
+    p.add_argument("shape", help="KxN (in x out)")
+    p.add_argument("--ms", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--block-n", nargs="+", type=int, default=[64])
+    p.add_argument("--warps", nargs="+", type=int, default=[2])
+    p.add_argument("--stages", nargs="+", type=int, default=[3])
+    p.add_argument("--splits", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--dtype", default="float16")
+    a = p.parse_args()
+    k, n = map(int, a.shape.lower().split("x"))
+    dtype = getattr(torch, a.dtype)
+    dev = torch.device("cuda")
+    qw = random_qweight(a.scheme, n, k, dtype, dev)
+    qws = [qw] + [clone_qweight(qw) for _ in range(copies_for(qw.nbytes, dev) - 1)]
+    for m in a.ms:
+        x = torch.randn(m, k, dtype=dtype, device=dev)
+        w = torch.randn(n, k, dtype=dtype, device=dev)
+        ws = [w] + [w.clone() for _ in range(copies_for(w.nbytes, dev) - 1)]
+        base = graph_time_us([lambda w=w: F.linear(x, w) for w in ws], 15)
+        del ws, w
+        results = []
+        for bn, warps, stages, split in itertools.product(a.block_n, a.warps, a.stages, a.splits):
+            cfg = KernelConfig(block_n=bn, block_m=max(16, min(64, 1 << (m - 1).bit_length())), split_k=split,
+                               num_warps=warps, num_stages=stages)
+            try:
+                us = graph_time_us([lambda q=q: dispatch.fused_matmul(x, q, None, cfg) for q in qws], 15)
+            except Exception as e:  # noqa: BLE001 - a config this GPU cannot run
+                print(f"  {cfg}: {type(e).__name__}")
+                continue
+            results.append((us, cfg))
+        results.sort(key=lambda r: r[0])
+        print(f"{a.scheme} {a.shape} M={m}: cuBLAS {base:.1f} us")
+        for us, cfg in results[:6]:
+            print(f"  {us:7.1f} us  x{base / us:.2f}  {qw.nbytes / us / 1e3:5.0f} GB/s  bn={cfg.block_n} "
+                  f"warps={cfg.num_warps} stages={cfg.num_stages} split={cfg.split_k}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
