@@ -46,6 +46,16 @@ def test_bad_schemes_and_methods_name_what_was_expected(text, message):
         accuracy._schemes(text)
 
 
+def test_markdown_table_has_a_row_per_result():
+    row = {"scheme": "int4-g128", "method": "gptq", "bits_per_weight": 4.135416, "size_mb": 116.0, "ppl": 31.4472,
+           "ppl_delta_pct": 37.77, "kl": 0.32631, "quantize_s": 152.4}
+    table = accuracy.format_table({"rows": [row, {**row, "method": "gptq-act"}]}, markdown=True).splitlines()
+    assert table[0] == "| scheme | method | bits/w | size MB | perplexity | delta | KL | quantize s |"
+    assert table[1] == "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    assert table[2] == "| int4-g128 | gptq | 4.135 | 116.0 | 31.447 | +37.77% | 0.3263 | 152 |"
+    assert len(table) == 4 and "| gptq-act |" in table[3]
+
+
 @pytest.fixture(scope="module")
 def tiny_llama():
     transformers = pytest.importorskip("transformers")

@@ -100,6 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated, a row each for every scheme without its own: {', '.join(METHODS)} "
                         "(default: rtn); clip = RTN with clipping search, gptq-act = GPTQ with act-order")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
+    p.add_argument("--markdown", type=Path, metavar="OUT", help="also write the table in Markdown (as in the README)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--max-eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, metavar="N",
                    help=f"held-out tokens to evaluate (default: {DEFAULT_EVAL_TOKENS}; the whole held-out part "
@@ -204,10 +205,13 @@ def _row_line(row: dict) -> str:
             f"KL {row['kl']:.4f}, quantize {row['quantize_s']:.0f} s, eval {row['eval_s']:.0f} s")
 
 
-def format_table(report: dict) -> str:
-    header = ("scheme", "method", "bits/w", "size MB", "perplexity", "delta", "KL")
+def format_table(report: dict, markdown: bool = False) -> str:
+    """The rows as an aligned text table, or as a Markdown table (the README's)."""
+    header = ("scheme", "method", "bits/w", "size MB", "perplexity", "delta", "KL", "quantize s")
     lines = [(r["scheme"], r["method"], f"{r['bits_per_weight']:.3f}", f"{r['size_mb']:.1f}", f"{r['ppl']:.3f}",
-              f"{r['ppl_delta_pct']:+.2f}%", f"{r['kl']:.4f}") for r in report["rows"]]
+              f"{r['ppl_delta_pct']:+.2f}%", f"{r['kl']:.4f}", f"{r['quantize_s']:.0f}") for r in report["rows"]]
+    if markdown:
+        return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *lines])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
 
     def fmt(cells) -> str:  # text columns left-aligned, numbers right-aligned
@@ -241,6 +245,10 @@ def run_and_report(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(format_table(report, markdown=True) + "\n")
+        print(f"wrote {args.markdown}")
     return 0
 
 
