@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import statistics
 import subprocess
 from pathlib import Path
@@ -92,9 +93,10 @@ def copy_bandwidth_gbs(device, nbytes: int = 1 << 30) -> float:
 
 
 def run_metadata(device) -> dict:
+    commit = os.environ.get("LOWBIT_COMMIT")  # where the tree runs without its git history (a lent GPU)
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip() or None
+        commit = commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                          cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     device = torch.device(device)
