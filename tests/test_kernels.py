@@ -17,7 +17,8 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 INTERP_SCHEMES = ["int4-g128", "int4-g32-asym", "int8-channel", "int2-g64", "int3-g16-asym", "int5-channel",
                   "fp8_e4m3-channel", "fp6_e3m2-channel", "fp6_e2m3-g64", "fp5_e2m2-channel", "fp5_e3m1-g32",
                   "fp4_e2m1-g32", "fp4_e2m1-g32-mx", "fp3_e1m1-channel", "fp3_e2m0-g128", "int7-g128",
-                  "fp7_e3m3-channel"]
+                  "fp7_e3m3-channel", "int4-g128-2:4", "int8-channel-2:4", "fp6_e3m2-channel-2:4", "int4-g16-asym-2:4",
+                  "fp4_e2m1-g32-mx-2:4", "int3-g64-2:4"]
 INTERP_CONFIGS = [
     KernelConfig(block_n=64, block_m=16, split_k=1, swap_ab=True),
     KernelConfig(block_n=32, block_m=32, split_k=3, swap_ab=True),
@@ -41,7 +42,7 @@ def poisoned(m, n, dtype, device):
 @pytest.mark.parametrize("scheme", INTERP_SCHEMES)
 @pytest.mark.parametrize("cfg", INTERP_CONFIGS, ids=["swap", "swap-split3", "noswap-split2"])
 def test_fused_kernel_matches_reference(scheme, cfg):
-    m, n, k = (5, 72, 300) if not HAS_CUDA else (37, 200, 1000)
+    m, n, k = (5, 72, 301) if not HAS_CUDA else (37, 200, 1001)  # K: not a multiple of 4 (2:4 groups) or 128
     w = torch.randn(n, k, dtype=torch.float16, device=DEVICE)
     qw = lowbit.quantize(w, scheme)
     x = torch.randn(m, k, dtype=torch.float16, device=DEVICE)
@@ -107,7 +108,7 @@ def test_heuristic_covers_batches():
 GPU_SCHEMES = ["int4-g128", "int4-g64", "int4-g32", "int4-channel", "int4-g128-asym", "int4-g32-asym", "int8-channel",
                "int8-g128", "int2-g64", "int3-g128", "fp8_e4m3-channel", "fp6_e3m2-channel", "fp6_e2m3-channel",
                "fp5_e2m2-channel", "fp5_e3m1-channel", "fp4_e2m1-g32", "fp4_e2m1-g32-mx", "fp3_e2m0-channel",
-               "fp6_e3m2-g128"]
+               "fp6_e3m2-g128", "int4-g128-2:4", "int8-channel-2:4", "fp6_e3m2-channel-2:4", "int4-g32-asym-2:4"]
 GPU_BATCHES = [1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 48, 64, 65, 100, 127, 128, 129, 200, 256, 300]
 
 
@@ -135,7 +136,8 @@ def test_gpu_dispatch_every_batch(scheme, dtype):
                                                                                  swap_ab=False, num_warps=8),
     KernelConfig(block_n=128, block_m=128, split_k=3, swap_ab=False, num_warps=8, num_stages=3),
 ], ids=lambda c: f"n{c.block_n}m{c.block_m}s{c.split_k}{'swap' if c.swap_ab else ''}")
-@pytest.mark.parametrize("scheme", ["int4-g128", "int4-g32-asym", "int8-channel", "fp6_e3m2-channel", "fp4_e2m1-g32"])
+@pytest.mark.parametrize("scheme", ["int4-g128", "int4-g32-asym", "int8-channel", "fp6_e3m2-channel", "fp4_e2m1-g32",
+                                    "int4-g128-2:4"])
 def test_gpu_fused_configs_poisoned(scheme, cfg, dtype):
     n, k = 520, 2200
     qw = lowbit.quantize(torch.randn(n, k, dtype=dtype, device="cuda"), scheme)

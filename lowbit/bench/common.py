@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import pack as _pack
+from .. import sparsity as _sparsity
 from ..qweight import QuantizedWeight
 from ..quantize.rtn import build, scale_storage_dtype
 from ..scheme import Scheme
@@ -39,7 +40,8 @@ def random_qweight(scheme, n: int, k: int, dtype: torch.dtype, device) -> Quanti
         scales = (torch.rand(n, groups, device=device) * 0.02 + 0.001).to(sd)
     zeros = None if scheme.symmetric else torch.randint(0, 1 << fmt.bits, (n, groups), dtype=torch.uint8,
                                                         device=device)
-    return build(scheme, codes, scales, zeros, dtype)
+    keep = _sparsity.keep_mask(torch.rand(n, k, device=device)) if scheme.sparsity else None  # random 2:4 mask
+    return build(scheme, codes, scales, zeros, dtype, keep=keep)
 
 
 def clone_qweight(qw: QuantizedWeight) -> QuantizedWeight:

@@ -56,18 +56,19 @@ class KernelConfig:
 
 def _scheme_constants(qw: QuantizedWeight, compute: torch.dtype) -> dict:
     fmt = qw.scheme.fmt
-    segs = tuple(_pack.SEGMENTS[fmt.bits]) + (0, 0)
+    code_bits = qw.scheme.code_bits  # 2:4 sparse: the value and its 2-bit position
+    segs = tuple(_pack.SEGMENTS[code_bits]) + (0, 0)
     if fmt.is_float:
         if not kernels_decode(qw):
             raise ValueError(f"{fmt.name}: the kernels decode floats through fp16 exponents and need E <= 4")
         float_factor, man_bits, offset = float(2.0 ** (15 - fmt.bias)), fmt.man_bits, 0
     else:
         float_factor, man_bits, offset = 1.0, 0, fmt.offset
-    return dict(BITS=fmt.bits, SEG0=segs[0], SEG1=segs[1], SEG2=segs[2], PD=_pack.plane_depth(fmt.bits),
+    return dict(BITS=fmt.bits, SEG0=segs[0], SEG1=segs[1], SEG2=segs[2], PD=_pack.plane_depth(code_bits),
                 IS_FLOAT=fmt.is_float, MAN_BITS=man_bits,
                 FLOAT_FACTOR=float_factor, SYMMETRIC=qw.scheme.symmetric, OFFSET=offset,
                 GROUP_SIZE=qw.scheme.group_size, SCALE_MX=qw.scheme.mx, COMPUTE=_TL_DTYPES[compute],
-                ROW_BLOCK=_pack.ROW_BLOCK)
+                ROW_BLOCK=_pack.ROW_BLOCK, SPARSE=qw.scheme.sparsity is not None)
 
 
 def kernels_decode(qw: QuantizedWeight) -> bool:
@@ -84,7 +85,7 @@ def _fast_path_constants(qw: QuantizedWeight, compute: torch.dtype, device: torc
     fp16 = compute == torch.float16
     out = dict(ASM4="", ASM8="", ASMP="", ASMP_REGS="",
                SCALE_IN_COMPUTE=not fmt.is_float and not qw.scheme.mx and qw.scales.dtype == compute)
-    if device.type != "cuda":
+    if device.type != "cuda" or qw.scheme.sparsity:  # 2:4 codes: plain Triton (positions and values)
         return out
     zero = None if fmt.is_float or not qw.scheme.symmetric else fmt.offset
     if not fmt.is_float and fmt.bits == 4:
@@ -123,7 +124,8 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
     n = qw.out_features
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    k_tiles = triton.cdiv(k, _pack.TILE_K)
+    dense_tile = dense_tile_k(qw)
+    k_tiles = triton.cdiv(k, dense_tile)
     split = min(cfg.split_k, k_tiles)
     per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, per_split)  # no empty split
@@ -134,20 +136,28 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
     lowbit_matmul_kernel[(grid_mn, split)](
         x, *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, bias if bias is not None else out,
         out, partial, counters, m, n, k, x.stride(0), out.stride(0), *strides, per_split, qw.num_groups, split,
-        HAS_BIAS=bias is not None, EVEN_K=k % _pack.TILE_K == 0, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
+        HAS_BIAS=bias is not None, EVEN_K=k % dense_tile == 0, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **{**_scheme_constants(qw, x.dtype), **_fast_path_constants(qw, x.dtype, x.device)})
     return out
 
 
+def dense_tile_k(qw: QuantizedWeight) -> int:
+    """Dense input columns of one stored k-tile: 128, or 256 for 2:4 sparse weights."""
+    return 2 * _pack.TILE_K if qw.scheme.sparsity else _pack.TILE_K
+
+
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype, block_n: int = 64) -> torch.Tensor:
-    """``qw.dequantize(dtype)`` by a Triton kernel (in stored column order, i.e. before ``perm``)."""
+    """``qw.dequantize(dtype)`` by a Triton kernel (in stored column order, i.e. before ``perm``);
+    2:4 sparse weights by their own (torch) dequantization."""
+    if qw.scheme.sparsity:
+        return qw.dequantize(dtype)
     n, k = qw.shape
     out = torch.empty(n, k, dtype=dtype, device=qw.device)
     segs, strides = _segment_args(qw)
     lowbit_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, _pack.TILE_K))](
         *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, out, n, k, *strides, qw.num_groups,
-        BLOCK_N=block_n, num_warps=4, **_scheme_constants(qw, dtype))
+        BLOCK_N=block_n, num_warps=4, **{k: v for k, v in _scheme_constants(qw, dtype).items() if k != "SPARSE"})
     return out
 
 
@@ -206,6 +216,8 @@ def table_key(m: int, qw: QuantizedWeight) -> dict:
 def choose_config(m: int, qw: QuantizedWeight, device: torch.device) -> KernelConfig:
     """The tuned entry for this (bits, scale kind, N, K) and batch bucket, else the heuristic."""
     n, k = qw.shape
+    if qw.scheme.sparsity:  # no tuned entries for 2:4 weights yet (their k-tiles are 256 deep)
+        return heuristic_config(m, n, k // 2, qw.scheme.bits, _num_sms(device))
     want = {key: value for key, value in table_key(m, qw).items() if key != "m"}
     entries = [(key, cfg) for key, cfg in tuned_table(_gpu_slug(device))
                if all(key.get(name) == value for name, value in want.items())]

@@ -108,6 +108,21 @@ def _asm_planes(ASMP: tl.constexpr, ASMP_REGS: tl.constexpr, w0, w1, w2, NP: tl.
 
 
 @triton.jit
+def _expand_2of4(v, pos, BLOCK_N: tl.constexpr, PD: tl.constexpr):
+    """Dense ``[BLOCK_N, 2*PD]`` weights from a plane's kept values ``v [BLOCK_N, PD]`` and their
+    positions: stored columns 2g and 2g+1 hold group g's entries at positions p0 < p1 (0..3)."""
+    v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, PD // 2, 2)))
+    p0, p1 = tl.split(tl.reshape(pos, (BLOCK_N, PD // 2, 2)))
+    zero = tl.zeros_like(v0)
+    d0 = tl.where(p0 == 0, v0, zero)  # p1 > p0 >= 0: p1 is never 0, p0 never 3
+    d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+    d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+    d3 = tl.where(p1 == 3, v1, zero)
+    # [g, a, b] = d_{2a+b}: flattened, dense column 4g + q holds d_q
+    return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, 2 * PD))
+
+
+@triton.jit
 def _minus_zero_sums(part, z, xsum, SWAP_AB: tl.constexpr):
     """``part - z * sum_k x``: zero points ``z [BLOCK_N, 1]`` (codes) off a product of raw codes
     (``xsum``: the sums of x in the accumulator's shape)."""
@@ -127,16 +142,19 @@ def lowbit_matmul_kernel(
     SYMMETRIC: tl.constexpr, OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MX: tl.constexpr,
     HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, ASM4: tl.constexpr, ASM8: tl.constexpr, ASMP: tl.constexpr,
     ASMP_REGS: tl.constexpr, SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr, ROW_BLOCK: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr,
+    SPARSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     TILE_K: tl.constexpr = 128
     NP: tl.constexpr = TILE_K // PD  # planes per tile
+    # 2:4 sparse: a tile of 128 stored columns is 256 dense k, a plane of PD stored columns 2*PD.
+    KT: tl.constexpr = 2 * TILE_K if SPARSE else TILE_K
+    DPD: tl.constexpr = 2 * PD if SPARSE else PD
     PER_CHANNEL: tl.constexpr = GROUP_SIZE == -1
     # Groups at least a plane deep scale the partial product of their planes (fp32, once per
     # accumulator element); shallower groups scale every weight.
-    GROUP_SCALE: tl.constexpr = (not PER_CHANNEL) and GROUP_SIZE >= PD
-    ELEMENT_SCALE: tl.constexpr = (not PER_CHANNEL) and GROUP_SIZE < PD
-    PLANES_PER_GROUP: tl.constexpr = (TILE_K if GROUP_SIZE >= TILE_K else GROUP_SIZE) // PD if GROUP_SCALE else NP
+    GROUP_SCALE: tl.constexpr = (not PER_CHANNEL) and GROUP_SIZE >= DPD
+    ELEMENT_SCALE: tl.constexpr = (not PER_CHANNEL) and GROUP_SIZE < DPD
+    PLANES_PER_GROUP: tl.constexpr = (KT if GROUP_SIZE >= KT else GROUP_SIZE) // DPD if GROUP_SCALE else NP
     # Zero points of whole groups (or rows) leave the weights as raw codes and come off the partial
     # product: sum_k (q - z) x = sum_k q x - z sum_k x. The matrix unit sums x (a product with
     # ones), already in the accumulator's layout; a reduction across threads costs far more.
@@ -151,10 +169,11 @@ def lowbit_matmul_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rp = tl.arange(0, PD)
+    rd = tl.arange(0, DPD)  # dense k of a plane
     n_mask = rn < N
     m_mask = rm < M
 
-    k_tiles = tl.cdiv(K, TILE_K)
+    k_tiles = tl.cdiv(K, KT)
     t_start = pid_k * k_tiles_per_split
     t_end = tl.minimum(t_start + k_tiles_per_split, k_tiles)
 
@@ -164,7 +183,7 @@ def lowbit_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     xsum = tl.zeros(acc.shape, dtype=tl.float32)  # sum_k x of the current group, per output element
-    ones = tl.full((BLOCK_N, PD), 1.0, COMPUTE)
+    ones = tl.full((BLOCK_N, DPD), 1.0, COMPUTE)
     if PER_CHANNEL:
         s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, 0, n_groups, rn[:, None], n_mask[:, None], N, SYMMETRIC,
                                        SCALE_MX, OFFSET, FLOAT_FACTOR)
@@ -173,12 +192,12 @@ def lowbit_matmul_kernel(
     # dot operands; a scale load in the loop stalled every iteration on DRAM latency, ncu).
     TILE_GROUP: tl.constexpr = GROUP_SCALE and PLANES_PER_GROUP == NP
     if TILE_GROUP:
-        s_next, z_next = _scale_values(scales_ptr, zeros_ptr, (t_start * TILE_K) // GROUP_SIZE, n_groups, rn[:, None],
+        s_next, z_next = _scale_values(scales_ptr, zeros_ptr, (t_start * KT) // GROUP_SIZE, n_groups, rn[:, None],
                                        n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
     for t in range(t_start, t_end):
         if TILE_GROUP:
             s_tile, z_tile = s_next, z_next
-            s_next, z_next = _scale_values(scales_ptr, zeros_ptr, ((t + 1) * TILE_K) // GROUP_SIZE, n_groups,
+            s_next, z_next = _scale_values(scales_ptr, zeros_ptr, ((t + 1) * KT) // GROUP_SIZE, n_groups,
                                            rn[:, None], n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
         w0 = tl.load(seg0_ptr + _word_offsets(rn, t, rp, stride_w0, PD, ROW_BLOCK), mask=n_mask[:, None], other=0,
                      eviction_policy="evict_first")
@@ -202,7 +221,7 @@ def lowbit_matmul_kernel(
         elif ASMP != "":
             planes = _asm_planes(ASMP, ASMP_REGS, w0, w1, w2, NP, COMPUTE)
         for j in tl.static_range(NP):
-            k0 = t * TILE_K + j * PD
+            k0 = t * KT + j * DPD
             if GROUP_SCALE:
                 if j % PLANES_PER_GROUP == 0:
                     if not TILE_GROUP:
@@ -212,16 +231,24 @@ def lowbit_matmul_kernel(
                     if ZERO_BY_SUMS:
                         xsum = tl.zeros(xsum.shape, dtype=tl.float32)
             if ELEMENT_SCALE:  # several groups in a plane: per-element scales
-                s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, ((k0 + rp) // GROUP_SIZE)[None, :], n_groups,
+                s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, ((k0 + rd) // GROUP_SIZE)[None, :], n_groups,
                                                rn[:, None], n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET,
                                                FLOAT_FACTOR)
+                if SPARSE:  # zero points meet the kept values before expansion: by stored column
+                    _, z_tile = _scale_values(scales_ptr, zeros_ptr, ((k0 + 4 * (rp // 2)) // GROUP_SIZE)[None, :],
+                                              n_groups, rn[:, None], n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET,
+                                              FLOAT_FACTOR)
             if ASM4 != "" or ASMP != "":
                 w = planes[j]
             elif ASM8 != "":
                 w = tl.inline_asm_elementwise(ASM8, "=r,=r,r", [w0], dtype=tl.float16, is_pure=True, pack=4)
             else:
-                w = _decode(_extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2), 0 if ZERO_BY_SUMS else z_tile,
-                            COMPUTE, IS_FLOAT, BITS, MAN_BITS)
+                code = _extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2)
+                if SPARSE:  # code = value << 2 | position
+                    w = _expand_2of4(_decode(code >> 2, 0 if ZERO_BY_SUMS else z_tile, COMPUTE, IS_FLOAT, BITS,
+                                             MAN_BITS), code & 3, BLOCK_N, PD)
+                else:
+                    w = _decode(code, 0 if ZERO_BY_SUMS else z_tile, COMPUTE, IS_FLOAT, BITS, MAN_BITS)
             if ASM4 != "" or ASM8 != "" or ASMP != "":
                 if not SYMMETRIC and not ZERO_BY_SUMS:  # the asm left ``code``; the zero point varies per row
                     w = w - z_tile.to(COMPUTE)
@@ -230,7 +257,7 @@ def lowbit_matmul_kernel(
                     w = w * s_tile.to(COMPUTE)
                 else:
                     w = (w.to(tl.float32) * s_tile).to(COMPUTE)
-            rk = k0 + rp
+            rk = k0 + rd
             if SWAP_AB:
                 if EVEN_K:  # no mask along k: the loads stay vectorized and the pipeliner makes them async
                     xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None], mask=m_mask[None, :], other=0.0)
