@@ -54,11 +54,13 @@ def test_fused_kernel_matches_reference(scheme, cfg):
     assert rel_err(y, reference(x, qw, bias)) < 2e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("scheme", ["int4-g32-asym", "fp6_e3m2-g64", "fp4_e2m1-g32-mx", "int8-channel", "int3-g128"])
-def test_dequant_kernel_is_exact(scheme):
+def test_dequant_kernel_is_exact(scheme, dtype):
+    """(float32: what float32 activations on a GPU multiply with.)"""
     w = torch.randn(70, 300, dtype=torch.float16, device=DEVICE)
     qw = lowbit.quantize(w, scheme)
-    assert torch.equal(dispatch.dequantize(qw, torch.float16), qw.dequantize(torch.float16))
+    assert torch.equal(dispatch.dequantize(qw, dtype), qw.dequantize(dtype))
 
 
 def test_split_k_counters_reset_between_calls():

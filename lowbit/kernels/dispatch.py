@@ -30,7 +30,8 @@ from .triton_matmul import lowbit_dequant_kernel, lowbit_matmul_kernel
 __all__ = ["KernelConfig", "matmul", "fused_matmul", "dequantize", "choose_config", "heuristic_config"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+# float32: only the dequantization kernel (float32 activations multiply a dequantized weight).
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @dataclass(frozen=True)
