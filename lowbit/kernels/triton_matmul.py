@@ -1,9 +1,13 @@
 """Triton kernels: fused low-bit-weight matmul, and dequantization (for the prefill path).
 
-Both read the ``tiled-planes-v1`` layout (see :mod:`lowbit.pack`): a weight tile of
-``BLOCK_N`` rows x 128 input weights is one ``[BLOCK_N, 16]`` word tile per bit segment; one
-shift-and-mask gives plane ``j`` (16 consecutive k), which is decoded to fp16/bf16 with a few
-integer operations (exponent bit tricks, no int-to-float conversion) and fed to ``tl.dot``.
+Both read the ``tiled-planes-v3`` layout (see :mod:`lowbit.pack`): a weight tile of ``BLOCK_N``
+rows x 128 stored columns is one ``[BLOCK_N, D]`` word tile per bit segment (contiguous per
+16-row block); plane ``j`` (D consecutive k) is decoded to fp16/bf16 by the inline-PTX decoders
+of :mod:`.decoders` on a GPU (plain Triton in the interpreter: :func:`_extract_codes`,
+:func:`_decode`), with bit tricks and no int-to-float conversion, and fed to ``tl.dot``. Scales
+multiply the fp32 partial product of a group's planes (or each weight, for groups shallower
+than a plane); zero points come off the partial product through the sums of x. 2:4 sparse
+weights are expanded to the dense operand in registers (:func:`_expand_2of4`).
 
 Orientation: with ``SWAP_AB`` the weight is the wide (M-side) operand of the matrix instruction,
 ``out.T[N, M] = W[N, K] @ x.T[K, M]``, so a batch of 1..64 tokens still fills 64-row wgmma tiles;
