@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, optional tuning, then the layer benchmark; JSON/logs under $OUT,
 # a short table last. Knobs (env): TESTS (pytest -k expression, "none" to skip), TUNE_ARGS
-# (arguments of `lowbit tune`, empty to skip), BENCH_ARGS (arguments of `lowbit bench layers`).
+# (arguments of `lowbit tune`, empty to skip), BENCH_ARGS (arguments of `lowbit bench layers`),
+# XDIST (pytest-xdist workers for the GPU tests: compilation dominates them), LOWBIT_COMMIT.
 set -u
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export LOWBIT_COMMIT=${LOWBIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}  # set it where the copy has no git
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [ -n "${PROBES:-}" ]; then  # ';'-separated argument lists of bench/probe_kernel.py
@@ -15,7 +17,7 @@ if [ -n "${PROBES:-}" ]; then  # ';'-separated argument lists of bench/probe_ker
   done
 fi
 if [ "${TESTS:-}" != "none" ]; then
-  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu tests ${TESTS:+-k "$TESTS"} -p no:cacheprovider \
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu tests -n ${XDIST:-12} ${TESTS:+-k "$TESTS"} -p no:cacheprovider \
     > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests exit $?"; tail -n 15 "$OUT/gpu_tests.log"
 fi
