@@ -374,16 +374,15 @@ def test_validate_rejects_wrong_tensors_for_sparse_schemes():
     with pytest.raises(ValueError, match=r"packed\[0\]"):
         _rebuild(qw, shape=(6, 300))  # 150 stored columns: two tiles
     i8 = lowbit.quantize(rand_weight((6, 200)), "int8-channel-2:4")
-    assert [p.dtype for p in i8.packed] == [lpack.segment_dtype(10, s) for s in (8, 2)]  # 10-bit codes
-    assert lpack.segment_dtype(10, 8) != torch.int16
-    with pytest.raises(ValueError, match=r"packed\[0\] \(8-bit segment\): expected"):
-        _rebuild(i8, packed=(i8.packed[0].to(torch.int16), i8.packed[1]))
+    assert [p.dtype for p in i8.packed] == [lpack.segment_dtype(10, s) for s in lpack.SEGMENTS[10]]  # 10-bit codes
+    with pytest.raises(ValueError, match=r"packed\[0\] \(\d-bit segment\): expected"):
+        _rebuild(i8, packed=(i8.packed[0].to(torch.int64), *i8.packed[1:]))
 
 
 def test_tensors_meta_round_trip():
     qw = lowbit.quantize(rand_weight((9, 333), torch.bfloat16), "int8-g64-asym-2:4")
     t, m = qw.tensors(), qw.meta()
-    assert set(t) == {"packed_0", "packed_1", "scales", "zeros"}
+    assert set(t) == {f"packed_{i}" for i in range(len(lpack.SEGMENTS[10]))} | {"scales", "zeros"}
     assert m["scheme"] == "int8-g64-asym-2:4" and m["shape"] == [9, 333]
     back = QuantizedWeight.from_tensors({k: v.clone() for k, v in t.items()}, dict(m))
     assert torch.equal(back.dequantize(), qw.dequantize())
@@ -430,10 +429,11 @@ def test_quant_linear_and_quantize_model():
     first = model[0]
     assert isinstance(first, QuantLinear) and str(first.scheme) == "fp8_e4m3-g32-2:4"
     # buffers: 10-bit codes of 66 stored columns, scales of the 5 dense groups
-    assert [(tuple(b.shape), b.dtype) for b in (first.packed_0, first.packed_1)] == \
-        [(lpack.segment_shape(64, 66, 10), lpack.segment_dtype(10, s)) for s in (8, 2)]
+    segments = lpack.SEGMENTS[10]
+    assert [(tuple(b.shape), b.dtype) for b in (getattr(first, f"packed_{i}") for i in range(len(segments)))] == \
+        [(lpack.segment_shape(64, 66, 10), lpack.segment_dtype(10, s)) for s in segments]
     assert tuple(first.scales.shape) == (5, 64)
-    assert set(first.state_dict()) == {"packed_0", "packed_1", "scales", "bias"}
+    assert set(first.state_dict()) == {f"packed_{i}" for i in range(len(segments))} | {"scales", "bias"}
     x = torch.randn(4, 130, dtype=torch.float16)
     h = (x.float() @ first.qweight.dequantize(torch.float32).T + first.bias.float()).half()
     assert torch.equal(first(x), h)
