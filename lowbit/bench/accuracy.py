@@ -185,6 +185,7 @@ def run(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the time of the work, not of its queueing
         quantize_s = time.perf_counter() - t
+        print(f"quantized: {scheme} {method} in {quantize_s:.1f} s", flush=True)
         t = time.perf_counter()
         result = evaluate(qmodel, tokens, **window, reference=base.reference, desc=f"{scheme} {method}")
         rows.append({"scheme": scheme, "method": method, "bits_per_weight": bits_per_weight(qmodel),
