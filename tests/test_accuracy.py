@@ -65,17 +65,34 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("scheme", ["int4-g32", "int3-g16-asym", "fp5_e2m2-channel"])
-def test_bits_per_weight_of_a_scheme_do_not_depend_on_the_method(tiny_llama, scheme):
+def quantize_every_method(model, scheme, device) -> dict[str, float]:
+    """Bits per weight of ``model`` quantized by each method, checking that each gives float16 linears."""
     calibration = torch.randint(0, 128, (4, 32))
     bits = {}
     for method in accuracy.METHODS:
-        model = copy.deepcopy(tiny_llama)  # float32, as on CPU
-        accuracy._quantize(model, scheme, method, lambda: calibration, torch.device("cpu"))
-        layers = [m for m in model.modules() if isinstance(m, lowbit.QuantLinear)]
-        assert len(layers) == 14 and all(m.weight_dtype == torch.float16 for m in layers)
-        bits[method] = accuracy.bits_per_weight(model)
+        quantized = copy.deepcopy(model)
+        accuracy._quantize(quantized, scheme, method, lambda: calibration, device)
+        layers = [m for m in quantized.modules() if isinstance(m, lowbit.QuantLinear)]
+        assert len(layers) == 14 and all(m.weight_dtype == torch.float16 and m.scales.device.type == device.type
+                                         for m in layers)
+        with torch.no_grad():
+            assert torch.isfinite(quantized(calibration.to(device)).logits).all()
+        bits[method] = accuracy.bits_per_weight(quantized)
+    return bits
+
+
+# float32: the CPU run's model; float16: the CUDA run's.
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("scheme", ["int4-g32", "int3-g16-asym", "fp5_e2m2-channel"])
+def test_bits_per_weight_of_a_scheme_do_not_depend_on_the_method(tiny_llama, scheme, model_dtype):
+    bits = quantize_every_method(copy.deepcopy(tiny_llama).to(model_dtype), scheme, torch.device("cpu"))
     assert len(set(bits.values())) == 1, bits
+
+
+@pytest.mark.gpu
+def test_every_method_runs_on_cuda(tiny_llama):
+    bits = quantize_every_method(copy.deepcopy(tiny_llama).to("cuda", torch.float16), "int4-g32", torch.device("cuda"))
+    assert set(bits.values()) == {4.5}
 
 
 def test_cuda_device_without_a_gpu_is_refused(monkeypatch):
