@@ -95,12 +95,16 @@ def test_every_method_runs_on_cuda(tiny_llama):
     assert set(bits.values()) == {4.5}
 
 
-def test_cuda_device_without_a_gpu_is_refused(monkeypatch):
+@pytest.mark.parametrize("argv, message", [(["--device", "cuda"], "no CUDA GPU"),
+                                           (["--calib-seqs", "0"], "--calib-seqs >= 1"),
+                                           (["--calib-len", "1"], "--calib-len >= 2")])
+def test_bad_run_arguments_fail_before_loading_the_model(monkeypatch, argv, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(accuracy.data, "load_default_model", lambda *a: pytest.fail("loaded the model"))
     parser = argparse.ArgumentParser()
     accuracy.add_arguments(parser)
-    with pytest.raises(ValueError, match="no CUDA GPU"):
-        accuracy.run(parser.parse_args(["--device", "cuda"]))
+    with pytest.raises(ValueError, match=message):
+        accuracy.run(parser.parse_args(argv))
 
 
 @pytest.mark.slow

@@ -53,8 +53,8 @@ Q4_1_NOTE = ("Note: the model's released weights are themselves Q4_1 (4-bit, gro
              "compares schemes on this model; it is not the loss from 16-bit weights.")
 
 
-def _csv(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
+def _csv(text: str, separator: str = ",") -> list[str]:
+    return [item.strip() for item in text.split(separator) if item.strip()]
 
 
 def _schemes(text: str) -> list[tuple[str, list[str] | None]]:
@@ -79,7 +79,7 @@ def _schemes(text: str) -> list[tuple[str, list[str] | None]]:
 
 
 def _methods(text: str, separator: str = ",") -> list[str]:
-    out = [m.strip() for m in text.split(separator) if m.strip()]
+    out = _csv(text, separator)
     unknown = [m for m in out if m not in METHODS]
     if unknown or not out:
         raise argparse.ArgumentTypeError(f"unknown or no method(s) in {text!r}; choose from {', '.join(METHODS)}")
@@ -151,6 +151,9 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--device cuda: no CUDA GPU is available")
     if args.max_eval_tokens < 2:
         raise ValueError(f"--max-eval-tokens must be >= 2, got {args.max_eval_tokens}")
+    if args.calib_seqs < 1 or args.calib_len < 2:  # checked here, not after the baseline's evaluation
+        raise ValueError(f"GPTQ calibration needs --calib-seqs >= 1 and --calib-len >= 2, "
+                         f"got {args.calib_seqs} and {args.calib_len}")
     planned = planned_rows(args.schemes, args.methods)
 
     print(f"loading the embedded model {data.DEFAULT_MODEL_NAME} ({data.GGUF_FILE}) ...", flush=True)
