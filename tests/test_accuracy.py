@@ -58,15 +58,6 @@ def test_markdown_table_has_a_row_per_result():
     assert len(table) == 4 and "| gptq-act |" in table[3]
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def quantize_every_method(model, scheme, device) -> dict[str, float]:
     """Bits per weight of ``model`` quantized by each method, checking that each gives float16 linears."""
     calibration = torch.randint(0, 128, (4, 32))

@@ -151,15 +151,6 @@ def test_bad_inputs_raise_value_error_naming_what_was_expected():
         quantize_gptq(nan_w, "int4-g16", x)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def logits_error(model, reference, ids) -> float:
     with torch.no_grad():
         want = reference(ids).logits

@@ -19,6 +19,7 @@ import lowbit
 from lowbit import QuantizedWeight, QuantLinear, Scheme, formats, sparsity
 from lowbit import pack as lpack
 from lowbit.quantize.rtn import build
+from test_quantize import _rebuild  # QuantizedWeight from a weight's tensors, some replaced
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -351,13 +352,6 @@ def test_quantize_model_gptq_sparse(tiny_llama):
 
 
 # -- QuantizedWeight, build, matmul ---------------------------------------------------------------------
-
-def _rebuild(qw, **over):
-    args = dict(scheme=qw.scheme, shape=qw.shape, packed=qw.packed, scales=qw.scales, zeros=qw.zeros, perm=qw.perm,
-                dtype=qw.dtype)
-    args.update(over)
-    return QuantizedWeight(**args)
-
 
 def test_validate_rejects_wrong_tensors_for_sparse_schemes():
     qw = lowbit.quantize(rand_weight((6, 200)), "int4-g32-2:4")  # 6-bit codes: segments (4, 2), 100 columns
