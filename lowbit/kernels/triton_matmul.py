@@ -86,29 +86,8 @@ def _scale_values(scales_ptr, zeros_ptr, g, n_groups, rows, row_mask, N, SYMMETR
 @triton.jit
 def _asm_planes(ASMP: tl.constexpr, ASMP_REGS: tl.constexpr, w0, w1, w2, NP: tl.constexpr, COMPUTE: tl.constexpr):
     """The planes of a word tile through :func:`lowbit.kernels.decoders.planes_asm` (4 k per call)."""
-    if COMPUTE == tl.float16:
-        if NP == 1:
-            planes = tl.inline_asm_elementwise(ASMP, ASMP_REGS, [w0, w1, w2], dtype=(tl.float16,), is_pure=True,
-                                               pack=4)
-        elif NP == 4:
-            planes = tl.inline_asm_elementwise(ASMP, ASMP_REGS, [w0, w1, w2], is_pure=True, pack=4,
-                                               dtype=(tl.float16, tl.float16, tl.float16, tl.float16))
-        else:
-            planes = tl.inline_asm_elementwise(ASMP, ASMP_REGS, [w0, w1, w2], is_pure=True, pack=4,
-                                               dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                                                      tl.float16, tl.float16, tl.float16))
-    else:
-        if NP == 1:
-            planes = tl.inline_asm_elementwise(ASMP, ASMP_REGS, [w0, w1, w2], dtype=(tl.bfloat16,), is_pure=True,
-                                               pack=4)
-        elif NP == 4:
-            planes = tl.inline_asm_elementwise(ASMP, ASMP_REGS, [w0, w1, w2], is_pure=True, pack=4,
-                                               dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16))
-        else:
-            planes = tl.inline_asm_elementwise(ASMP, ASMP_REGS, [w0, w1, w2], is_pure=True, pack=4,
-                                               dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                                                      tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16))
-    return planes
+    return tl.inline_asm_elementwise(ASMP, ASMP_REGS, [w0, w1, w2], dtype=(COMPUTE.value,) * NP, is_pure=True,
+                                     pack=4)
 
 
 @triton.jit
@@ -215,13 +194,9 @@ def lowbit_matmul_kernel(
                          eviction_policy="evict_first")
         if not GROUP_SCALE:
             part = acc
-        if ASM4 != "":  # (dtype tuples must hold plain dtypes, not the COMPUTE constexpr)
-            if COMPUTE == tl.float16:
-                planes = tl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [w0], is_pure=True, pack=2,
-                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16))
-            else:
-                planes = tl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [w0], is_pure=True, pack=2,
-                                                   dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16))
+        if ASM4 != "":  # (a dtype tuple holds plain dtypes: COMPUTE.value, not the constexpr)
+            planes = tl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [w0], dtype=(COMPUTE.value,) * NP, is_pure=True,
+                                               pack=2)
         elif ASMP != "":
             planes = _asm_planes(ASMP, ASMP_REGS, w0, w1, w2, NP, COMPUTE)
         for j in tl.static_range(NP):
