@@ -69,7 +69,7 @@ def _scheme_constants(qw: QuantizedWeight, compute: torch.dtype) -> dict:
                 IS_FLOAT=fmt.is_float, MAN_BITS=man_bits,
                 FLOAT_FACTOR=float_factor, SYMMETRIC=qw.scheme.symmetric, OFFSET=offset,
                 GROUP_SIZE=qw.scheme.group_size, SCALE_MX=qw.scheme.mx, COMPUTE=_TL_DTYPES[compute],
-                ROW_BLOCK=_pack.ROW_BLOCK, SPARSE=qw.scheme.sparsity is not None)
+                ROW_BLOCK=_pack.ROW_BLOCK)
 
 
 def kernels_decode(qw: QuantizedWeight) -> bool:
@@ -137,7 +137,7 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
     lowbit_matmul_kernel[(grid_mn, split)](
         x, *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, bias if bias is not None else out,
         out, partial, counters, m, n, k, x.stride(0), out.stride(0), *strides, per_split, qw.num_groups, split,
-        HAS_BIAS=bias is not None, EVEN_K=k % dense_tile == 0, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
+        HAS_BIAS=bias is not None, EVEN_K=k % dense_tile == 0, SPARSE=qw.scheme.sparsity is not None, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **{**_scheme_constants(qw, x.dtype), **_fast_path_constants(qw, x.dtype, x.device)})
     return out
@@ -158,7 +158,7 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype, block_n: int = 64) -> to
     segs, strides = _segment_args(qw)
     lowbit_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, _pack.TILE_K))](
         *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, out, n, k, *strides, qw.num_groups,
-        BLOCK_N=block_n, num_warps=4, **{k: v for k, v in _scheme_constants(qw, dtype).items() if k != "SPARSE"})
+        BLOCK_N=block_n, num_warps=4, **_scheme_constants(qw, dtype))
     return out
 
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TILE_K", "ROW_BLOCK", "LAYOUT", "SEGMENTS", "padded_k", "plane_depth", "code_dtype", "pack_codes", "unpack_codes", "segment_dtype",
-           "segment_shape"]
+__all__ = ["TILE_K", "ROW_BLOCK", "LAYOUT", "SEGMENTS", "padded_k", "plane_depth", "code_dtype", "pack_codes",
+           "unpack_codes", "segment_dtype", "segment_shape", "row_blocks"]
 
 LAYOUT = "tiled-planes-v3"
 TILE_K = 128
@@ -58,6 +58,7 @@ def segment_dtype(bits: int, seg_bits: int) -> torch.dtype:
 
 
 def row_blocks(n: int) -> int:
+    """Stored row blocks of ``n`` rows."""
     return -(-n // ROW_BLOCK)
 
 
@@ -129,21 +130,20 @@ def pack_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
 
 def unpack_codes(packed: tuple[torch.Tensor, ...], bits: int, k: int, *, rows: int) -> torch.Tensor:
     """Exact inverse of :func:`pack_codes`: ``[rows, k]`` codes of :func:`code_dtype`."""
-    n = rows
     if bits not in SEGMENTS or len(packed) != len(SEGMENTS[bits]):
         raise ValueError(f"{bits}-bit codes need {len(SEGMENTS.get(bits, ()))} packed segments, got {len(packed)}")
     kp = padded_k(k)
     depth = plane_depth(bits)
     planes = TILE_K // depth
-    expected = segment_shape(n, k, bits)
-    code = torch.zeros(n, kp, dtype=code_dtype(bits), device=packed[0].device)
+    expected = segment_shape(rows, k, bits)
+    code = torch.zeros(rows, kp, dtype=code_dtype(bits), device=packed[0].device)
     for (s, shift), words in zip(_segment_shifts(bits), packed):
         if tuple(words.shape) != expected or words.dtype != segment_dtype(bits, s):
             raise ValueError(f"packed {s}-bit segment: expected {segment_dtype(bits, s)} {expected}, "
                              f"got {words.dtype} {tuple(words.shape)}")
-        rows = _from_row_blocks(words, n, depth)
-        w = rows.to(torch.int32).view(n, kp // TILE_K, 1, depth)  # int32: fewer bytes than int64 on the CPU path
+        # int32: fewer bytes than int64 on the CPU path
+        w = _from_row_blocks(words, rows, depth).to(torch.int32).view(rows, kp // TILE_K, 1, depth)
         shifts = (torch.arange(planes, device=w.device, dtype=torch.int32) * s).view(1, 1, -1, 1)
-        seg = ((w >> shifts) & ((1 << s) - 1)).to(code.dtype).reshape(n, kp)
+        seg = ((w >> shifts) & ((1 << s) - 1)).to(code.dtype).reshape(rows, kp)
         code |= seg << shift if shift else seg
     return code[:, :k]
