@@ -24,6 +24,8 @@ def main():
     p.add_argument("--warps", nargs="+", type=int, default=[2])
     p.add_argument("--stages", nargs="+", type=int, default=[3])
     p.add_argument("--splits", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--block-m", nargs="+", type=int, default=[0], help="token tiles (0: the batch's, at most 64)")
+    p.add_argument("--swap", nargs="+", type=int, default=[1], help="1: weights as the wide operand, 0: not")
     p.add_argument("--dtype", default="float16")
     a = p.parse_args()
     k, n = map(int, a.shape.lower().split("x"))
@@ -37,10 +39,13 @@ def main():
         ws = [w] + [w.clone() for _ in range(copies_for(w.nbytes, dev) - 1)]
         base = graph_time_us([lambda w=w: F.linear(x, w) for w in ws], 15)
         del ws, w
+        dequant = graph_time_us([lambda q=q: dispatch.matmul(x, q, None, config=KernelConfig(path="dequant"))
+                                 for q in qws], 15)
         results = []
-        for bn, warps, stages, split in itertools.product(a.block_n, a.warps, a.stages, a.splits):
-            cfg = KernelConfig(block_n=bn, block_m=max(16, min(64, 1 << (m - 1).bit_length())), split_k=split,
-                               num_warps=warps, num_stages=stages)
+        for bn, bm, swap, warps, stages, split in itertools.product(a.block_n, a.block_m, a.swap, a.warps, a.stages,
+                                                                    a.splits):
+            cfg = KernelConfig(block_n=bn, block_m=bm or max(16, min(64, 1 << (m - 1).bit_length())), split_k=split,
+                               swap_ab=bool(swap), num_warps=warps, num_stages=stages)
             try:
                 us = graph_time_us([lambda q=q: dispatch.fused_matmul(x, q, None, cfg) for q in qws], 15)
             except Exception as e:  # noqa: BLE001 - a config this GPU cannot run
@@ -48,10 +53,12 @@ def main():
                 continue
             results.append((us, cfg))
         results.sort(key=lambda r: r[0])
-        print(f"{a.scheme} {a.shape} M={m}: cuBLAS {base:.1f} us")
+        print(f"{a.scheme} {a.shape} M={m}: cuBLAS {base:.1f} us, dequantize + cuBLAS {dequant:.1f} us "
+              f"(x{base / dequant:.2f})")
         for us, cfg in results[:6]:
             print(f"  {us:7.1f} us  x{base / us:.2f}  {qw.nbytes / us / 1e3:5.0f} GB/s  bn={cfg.block_n} "
-                  f"warps={cfg.num_warps} stages={cfg.num_stages} split={cfg.split_k}", flush=True)
+                  f"bm={cfg.block_m} swap={int(cfg.swap_ab)} warps={cfg.num_warps} stages={cfg.num_stages} split={cfg.split_k}",
+                  flush=True)
 
 
 if __name__ == "__main__":

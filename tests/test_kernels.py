@@ -137,6 +137,7 @@ def test_gpu_dispatch_every_batch(scheme, dtype):
     KernelConfig(block_n=64, block_m=64, split_k=8, num_stages=5), KernelConfig(block_n=128, block_m=64, split_k=1,
                                                                                  swap_ab=False, num_warps=8),
     KernelConfig(block_n=128, block_m=128, split_k=3, swap_ab=False, num_warps=8, num_stages=3),
+    KernelConfig(block_n=128, block_m=128, split_k=2, swap_ab=True, num_warps=8, num_stages=3),
 ], ids=lambda c: f"n{c.block_n}m{c.block_m}s{c.split_k}{'swap' if c.swap_ab else ''}")
 @pytest.mark.parametrize("scheme", ["int4-g128", "int4-g32-asym", "int8-channel", "fp6_e3m2-channel", "fp4_e2m1-g32",
                                     "int4-g128-2:4"])
@@ -144,7 +145,7 @@ def test_gpu_fused_configs_poisoned(scheme, cfg, dtype):
     n, k = 520, 2200
     qw = lowbit.quantize(torch.randn(n, k, dtype=dtype, device="cuda"), scheme)
     tol = 2e-3 if dtype == torch.float16 else 1e-2
-    for m in (1, 5, 64, 77, 130):
+    for m in (1, 5, 64, 77, 130, 300):
         x = torch.randn(m, k, dtype=dtype, device="cuda")
         out = poisoned(m, n, dtype, "cuda")
         y = dispatch.fused_matmul(x, qw, None, cfg, out=out)

@@ -175,23 +175,24 @@ def _num_sms(device: torch.device) -> int:
 def heuristic_config(m: int, n: int, k: int, bits: int, sms: int) -> KernelConfig:
     """A config from what tuning found on Hopper (used where no tuned entry exists).
 
-    Up to 128 tokens: weights as the wide operand (swap A/B). Up to 32 tokens 128-row tiles and 4
+    Weights are the wide operand (swap A/B) at every batch. Up to 32 tokens: 128-row tiles and 4
     warps, split-K until about 12 programs per SM (the loop is latency-bound: more programs in
-    flight hide more of it); larger batches 64-row by 64-token tiles, about 2 programs per SM.
-    Past 128 tokens: dequantize once and call cuBLAS.
+    flight hide more of it); up to 128 tokens 64-row by 64-token tiles, about 2 programs per SM;
+    past 128 tokens (prefill) 128 x 128 tiles and 8 warps, so each weight tile is decoded once per
+    128 tokens, and split-K only to fill one wave.
     """
-    if m > 128:
-        return KernelConfig(path="dequant")
     k_tiles = triton.cdiv(k, _pack.TILE_K)
-    small = m <= 32
-    block_n = 128 if small else 64
-    block_m = max(16, triton.next_power_of_2(m)) if small else 64
+    if m > 128:
+        block_n, block_m, warps, per_sm = 128, 128, 8, 1
+    elif m > 32:
+        block_n, block_m, warps, per_sm = 64, 64, 4, 2
+    else:
+        block_n, block_m, warps, per_sm = 128, max(16, triton.next_power_of_2(m)), 4, 12
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    target = (12 if small else 2) * sms
     split = 1
-    while tiles * split < target and split < min(8, max(1, k_tiles // 4)):
+    while tiles * split < per_sm * sms and split < min(8, max(1, k_tiles // 4)):
         split += 1
-    return KernelConfig(block_n=block_n, block_m=block_m, split_k=split, swap_ab=True, num_warps=4, num_stages=3)
+    return KernelConfig(block_n=block_n, block_m=block_m, split_k=split, swap_ab=True, num_warps=warps, num_stages=3)
 
 
 def _gpu_slug(device: torch.device) -> str:
@@ -225,7 +226,7 @@ def choose_config(m: int, qw: QuantizedWeight, device: torch.device) -> KernelCo
     above = [e for e in entries if e[0]["m"] >= m]
     if above:  # the tuned entry of the smallest batch bucket >= m
         cfg = min(above, key=lambda e: e[0]["m"])[1]
-        if cfg.path == "fused" and cfg.swap_ab and cfg.block_m < m:
+        if cfg.path == "fused" and cfg.swap_ab and cfg.block_m < min(m, 64):  # a bucket tuned for fewer tokens
             cfg = KernelConfig(**{**asdict(cfg), "block_m": max(16, triton.next_power_of_2(min(m, 64)))})
         return cfg
     return heuristic_config(m, n, k, qw.scheme.bits, _num_sms(device))
@@ -247,8 +248,8 @@ def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, forc
         x = x.index_select(1, qw.perm)
     x = x.contiguous()
     cfg = config or choose_config(x.shape[0], qw, x.device)
-    if cfg.path == "dequant" and force_triton:  # the fused kernel at its largest tiles
-        cfg = heuristic_config(128, qw.out_features, qw.in_features, qw.scheme.bits, _num_sms(x.device))
+    if cfg.path == "dequant" and force_triton:  # a tuned entry chose cuBLAS: the fused kernel instead
+        cfg = heuristic_config(x.shape[0], qw.out_features, qw.in_features, qw.scheme.bits, _num_sms(x.device))
     if cfg.path == "dequant":
         w = dequantize(qw, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

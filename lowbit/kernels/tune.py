@@ -49,12 +49,10 @@ def _neighbours(cfg: KernelConfig, m: int, k_tiles: int):
     for w in (2, 4, 8):  # 2 warps (or 32-row tiles) give mma.sync, which Triton does not serialize
         if w != cfg.num_warps:
             yield variant(num_warps=w)
-    if not cfg.swap_ab:
-        for bm in (cfg.block_m // 2, cfg.block_m * 2):
-            if 32 <= bm <= 256:
-                yield variant(block_m=bm)
-    elif m <= 64 and cfg.block_m < 64:
-        yield variant(block_m=cfg.block_m * 2)
+    # token tiles: up to 256 (prefill), never wider than the batch needs
+    for bm in (cfg.block_m // 2, cfg.block_m * 2):
+        if (16 if cfg.swap_ab else 32) <= bm <= min(256, max(16, 1 << (m - 1).bit_length())):
+            yield variant(block_m=bm)
 
 
 def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, float, dict]:
@@ -64,12 +62,10 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
     k_tiles = -(-qw.in_features // 128)
     best = dispatch.heuristic_config(m, qw.out_features, qw.in_features, qw.scheme.bits,
                                      torch.cuda.get_device_properties(device).multi_processor_count)
-    if best.path == "dequant":
-        best = dispatch.heuristic_config(128, qw.out_features, qw.in_features, qw.scheme.bits,
-                                         torch.cuda.get_device_properties(device).multi_processor_count)
     seen = {best: _time(qws, x, best, replays)}
     if m > 16:  # the other orientation is a candidate too
-        alt = dataclasses.replace(best, swap_ab=not best.swap_ab, block_m=64 if best.swap_ab else max(16, min(64, m)),
+        alt = dataclasses.replace(best, swap_ab=not best.swap_ab,
+                                  block_m=(128 if m > 128 else 64) if best.swap_ab else max(16, min(64, m)),
                                   num_warps=8 if best.swap_ab else 4)
         seen[alt] = _time(qws, x, alt, replays)
     for _ in range(rounds):
