@@ -18,7 +18,7 @@ INTERP_SCHEMES = ["int4-g128", "int4-g32-asym", "int8-channel", "int2-g64", "int
                   "fp8_e4m3-channel", "fp6_e3m2-channel", "fp6_e2m3-g64", "fp5_e2m2-channel", "fp5_e3m1-g32",
                   "fp4_e2m1-g32", "fp4_e2m1-g32-mx", "fp3_e1m1-channel", "fp3_e2m0-g128", "int7-g128",
                   "fp7_e3m3-channel", "int4-g128-2:4", "int8-channel-2:4", "fp6_e3m2-channel-2:4", "int4-g16-asym-2:4",
-                  "fp4_e2m1-g32-mx-2:4", "int3-g64-2:4"]
+                  "int4-g128-asym-2:4", "fp4_e2m1-g32-mx-2:4", "int3-g64-2:4"]
 INTERP_CONFIGS = [
     KernelConfig(block_n=64, block_m=16, split_k=1, swap_ab=True),
     KernelConfig(block_n=32, block_m=32, split_k=3, swap_ab=True),
@@ -110,7 +110,8 @@ def test_heuristic_covers_batches():
 GPU_SCHEMES = ["int4-g128", "int4-g64", "int4-g32", "int4-channel", "int4-g128-asym", "int4-g32-asym", "int8-channel",
                "int8-g128", "int2-g64", "int3-g128", "fp8_e4m3-channel", "fp6_e3m2-channel", "fp6_e2m3-channel",
                "fp5_e2m2-channel", "fp5_e3m1-channel", "fp4_e2m1-g32", "fp4_e2m1-g32-mx", "fp3_e2m0-channel",
-               "fp6_e3m2-g128", "int4-g128-2:4", "int8-channel-2:4", "fp6_e3m2-channel-2:4", "int4-g32-asym-2:4"]
+               "fp6_e3m2-g128", "int4-g128-2:4", "int8-channel-2:4", "fp6_e3m2-channel-2:4", "int4-g32-asym-2:4",
+               "int4-channel-asym-2:4"]
 GPU_BATCHES = [1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 48, 64, 65, 100, 127, 128, 129, 200, 256, 300]
 
 

@@ -140,8 +140,9 @@ def lowbit_matmul_kernel(
     PLANES_PER_GROUP: tl.constexpr = (KT if GROUP_SIZE >= KT else GROUP_SIZE) // DPD if GROUP_SCALE else NP
     # Zero points of whole groups (or rows) leave the weights as raw codes and come off the partial
     # product: sum_k (q - z) x = sum_k q x - z sum_k x. The matrix unit sums x (a product with
-    # ones), already in the accumulator's layout; a reduction across threads costs far more.
-    ZERO_BY_SUMS: tl.constexpr = (not SYMMETRIC) and (not ELEMENT_SCALE)
+    # ones), already in the accumulator's layout; a reduction across threads costs far more. Not for
+    # 2:4 weights: their pruned entries are 0, not q = z (zero points meet the kept codes instead).
+    ZERO_BY_SUMS: tl.constexpr = (not SYMMETRIC) and (not ELEMENT_SCALE) and (not SPARSE)
 
     num_m_tiles = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
