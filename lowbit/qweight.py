@@ -148,7 +148,7 @@ class QuantizedWeight:
         stored ``(value_code << 2) | position`` codes ``[out, scheme.stored_columns(in)]``
         (:func:`lowbit.pack.code_dtype` of ``scheme.code_bits``)."""
         return _pack.unpack_codes(self.packed, self.scheme.code_bits, self.scheme.stored_columns(self.in_features),
-                                 rows=self.out_features)
+                                 rows=self.out_features, sparse=self.scheme.sparsity is not None)
 
     def scale_values(self) -> torch.Tensor:
         """Scales as float32 ``[groups, out]`` (E8M0 exponents decoded for mx)."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit import formats, pack
+from lowbit import formats, pack, sparsity
 from lowbit.kernels import decoders
 
 MASK32 = 0xFFFFFFFF
@@ -76,6 +76,10 @@ def run_ptx(asm: str, inputs: list[int], n_out: int) -> list[int]:
             r = (src[0] << src[1]) & MASK32
         elif op == "shr.u32":
             r = src[0] >> src[1]
+        elif op == "and.b32":
+            r = src[0] & src[1]
+        elif op == "mad.lo.u32":
+            r = (src[0] * src[1] + src[2]) & MASK32
         elif op == "lop3.b32":
             r = _lop3(*src)
         elif op == "prmt.b32":
@@ -163,25 +167,49 @@ def test_int_planes_every_code(bits, symmetric, fp16):
 
 
 @pytest.mark.parametrize("fp16", [True, False], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("name", ["int4", "int8", "fp6_e3m2", "fp4_e2m1", "fp8_e4m3", "int3"])
-def test_sparse_values_skip_the_position_bits(name, fp16):
-    """2:4 codes are ``value << 2 | position``: only the value is decoded."""
+@pytest.mark.parametrize("name", ["int4", "int8", "int6", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "fp8_e4m3"])
+def test_sparse_planes_expand_every_pattern_and_code(name, fp16):
+    """2:4 codes (``value << 2 | position``, packed with the position bits recoded): the decoder
+    emits the dense operand, each kept value at its position and zeros elsewhere, for every pair of
+    positions and every value code."""
     fmt = formats.get(name)
     if fmt.bits == 8 and not fmt.is_float and not fp16:
         pytest.skip("8-bit integer codes in bf16: plain Triton")
     bits = fmt.bits + 2
     zero = None if fmt.is_float else 1 << (fmt.bits - 1)
     asm, constraints, planes = decoders.planes_asm(bits, fmt.is_float, getattr(fmt, "man_bits", 0), fp16, zero,
-                                                   code_shift=2)
-    for codes in all_codes_tiles(bits):
-        got = decode_tile(codes, bits, asm, constraints.count("="), planes, fp16)
-        values = (codes[0].to(torch.int64) >> 2)
+                                                   sparse=True)
+    assert constraints.count("=") == 4 * planes
+    pairs = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
+    depth = pack.plane_depth(bits)
+    dec = _f16 if fp16 else _bf16
+    g = torch.Generator().manual_seed(bits)
+    for values in all_codes_tiles(fmt.bits):  # 128 kept values = 64 groups per tile
+        positions = pairs[torch.randint(0, 6, (64,), generator=g)].reshape(1, 128)
+        codes = sparsity.merge_codes(values, positions, fmt.bits)
         if fmt.is_float:
-            want = fmt.decode(values.to(torch.uint8)).to(torch.float64) * 2.0 ** (fmt.bias - 15)
-            finite = torch.isfinite(want)
-            assert torch.equal(got[finite], want[finite])
+            kept = fmt.decode(values[0]).to(torch.float64) * 2.0 ** (fmt.bias - 15)
         else:
-            assert torch.equal(got, values.to(torch.float64) - zero)
+            kept = values[0].to(torch.float64) - zero
+        want = torch.zeros(256, dtype=torch.float64).scatter_(0, sparsity.dense_columns(positions)[0], kept)
+        segs = [seg[0, :depth] for seg in pack.pack_codes(codes, bits, sparse=True)]
+        segs = segs + [segs[0]] * (3 - len(segs))
+        got = torch.empty(256, dtype=torch.float64)
+        for i0 in range(0, depth, decoders.PACK):
+            regs = run_ptx(asm, [r for s in segs for r in _registers(s[i0:i0 + decoders.PACK])], 4 * planes)
+            for j in range(planes):
+                first = 2 * (depth * j + i0)  # dense column of group g's position 0
+                for r in range(4):  # g: pairs 0-1, 2-3; g+1: pairs 0-1, 2-3
+                    for h in range(2):
+                        got[first + 2 * r + h] = dec((regs[4 * j + r] >> (16 * h)) & 0xFFFF)
+        finite = torch.isfinite(want)  # e4m3fn's NaN codes are never produced
+        assert torch.equal(got[finite], want[finite]), name
+
+
+def test_sparse_asm_supported_widths():
+    assert [b for b in sorted(pack.SEGMENTS) if b > 3 and decoders.sparse_asm_supported(b)] == [6, 8, 10]
+    with pytest.raises(ValueError, match="case bits"):
+        decoders.planes_asm(7, True, 2, True, None, sparse=True)
 
 
 @pytest.mark.parametrize("fp16", [True, False], ids=["fp16", "bf16"])

@@ -1,4 +1,4 @@
-"""lowbit.pack: the storage layout (tiled-planes-v2) and its exact inverse.
+"""lowbit.pack: the storage layout (tiled-planes-v4) and its exact inverse.
 
 Expected words are derived here by hand from the layout's description, not from pack_codes:
 K is cut into tiles of 128; a B-bit code is split into segments of 8/4/2/1 bits (most
@@ -156,7 +156,7 @@ def test_layout_every_word_by_hand(bits):
 
 def test_padded_k():
     assert [pack.padded_k(k) for k in (1, 127, 128, 129, 576, 1000)] == [128, 128, 128, 256, 640, 1024]
-    assert pack.TILE_K == 128 and pack.LAYOUT == "tiled-planes-v3"
+    assert pack.TILE_K == 128 and pack.LAYOUT == "tiled-planes-v4"
 
 
 # -- errors ---------------------------------------------------------------------------------------

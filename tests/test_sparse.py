@@ -155,7 +155,7 @@ def test_every_value_and_position_round_trips_through_pack(bits):
     n = codes.shape[0]
     for kc in (2, 66, 128, 130, 300):  # partial tiles, whole tiles
         part = codes[:, :kc].contiguous()
-        qw = QuantizedWeight(f"int{bits}-channel-2:4", (n, 2 * kc), lpack.pack_codes(part, bits + 2),
+        qw = QuantizedWeight(f"int{bits}-channel-2:4", (n, 2 * kc), lpack.pack_codes(part, bits + 2, sparse=True),
                              torch.ones(1, n), dtype=torch.float32)
         back = qw.codes()
         assert torch.equal(back, part)
@@ -484,9 +484,13 @@ def test_checkpoint_with_a_repeated_position_is_refused(tmp_path):
     model = _sparse_mlp()
     lowbit.save_quantized(model, tmp_path / "ckpt")
     qw = model[2].qweight
-    codes = qw.codes().clone()
-    codes[5, 7] = (codes[5, 7] & ~3) | (codes[5, 6] & 3)  # group 3 of row 5: p1 = p0
-    packed = lpack.pack_codes(codes, qw.scheme.code_bits)
+    bits, stored = qw.scheme.code_bits, qw.scheme.stored_columns(qw.in_features)
+    cases = lpack.unpack_codes(qw.packed, bits, stored, rows=qw.out_features)  # position bits as stored
+    # Group 3 of row 5 (stored columns 4..7 hold groups 2 and 3): pair 0-1 "v0 v1" and pair 2-3
+    # "v1 0" would keep three entries; no pair of positions is stored so.
+    cases[5, 5] = cases[5, 5] & ~3
+    cases[5, 7] = (cases[5, 7] & ~3) | 1
+    packed = lpack.pack_codes(cases, bits)
     for i, p in enumerate(packed):
         _rewrite(tmp_path / "ckpt" / "model.safetensors", f"2.packed_{i}", p)
     with pytest.raises(CheckpointError, match=r"model.safetensors: module '2': 2:4 positions of row 5, group 3"):

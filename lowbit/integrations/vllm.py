@@ -5,7 +5,7 @@ call :func:`register` in every process; the checkpoint's ``quant_method: "lowbit
 the method. Each quantized linear layer gets lowbit's tensors as vLLM parameters, sharded for
 tensor parallelism on the dimensions in ``SHARD_DIMS``:
 
-* ``packed_i`` ``[row blocks, words]`` (layout ``tiled-planes-v3``, see :mod:`lowbit.pack`): dim 0
+* ``packed_i`` ``[row blocks, words]`` (layout ``tiled-planes-v4``, see :mod:`lowbit.pack`): dim 0
   holds blocks of ``ROW_BLOCK = 16`` output rows, so column-parallel shards and the parts of fused
   QKV / gate-up layers are whole blocks: their row offsets and sizes must be multiples of 16
   (only the last part of a layer may end on its last row). vLLM gets the packed tensors as

@@ -23,7 +23,7 @@ import struct
 
 from .. import pack as _pack
 
-__all__ = ["planes_asm", "int4_words_asm", "int8_fp16_asm", "e4m3_fp16_asm", "PACK"]
+__all__ = ["planes_asm", "sparse_asm_supported", "int4_words_asm", "int8_fp16_asm", "e4m3_fp16_asm", "PACK"]
 
 PACK = 4  # values per inline-asm call of planes_asm: 4 consecutive k of every plane
 _LOP3_AND_OR = "0xEA"  # lop3 truth table of (a & b) | c
@@ -49,15 +49,21 @@ def _targets(bits: int, is_float: bool, man_bits: int, fp16: bool) -> list[int]:
 
 
 def planes_asm(bits: int, is_float: bool, man_bits: int, fp16: bool, symmetric_zero: int | None,
-               code_shift: int = 0) -> tuple[str, str, int]:
+               sparse: bool = False) -> tuple[str, str, int]:
     """PTX decoding ``PACK`` consecutive k of every plane of a ``bits``-bit tile at once.
 
     Inputs: the segment words of the ``PACK`` values, each segment in as many 32-bit registers as
     its words take (uint8: 1, int16: 2, int32: 4), three segments always (a format with fewer
     passes its first segment again, unused). Outputs: per plane two registers of two halves (k and
-    k+1, then k+2 and k+3). ``code_shift``: the code is ``value << code_shift | other bits`` (2:4
-    sparse codes keep the position in the low two bits) and only the value is decoded.
+    k+1, then k+2 and k+3).
+
+    ``sparse``: 2:4 codes ``value << 2 | case`` (:mod:`lowbit.pack`): the 4 stored values are groups
+    g and g+1, and the outputs are per plane four registers: the dense pairs 0-1 and 2-3 of group g,
+    then of group g+1 (:func:`_expand_2of4_lines`); only :func:`sparse_asm_supported` codes.
     Returns (asm, constraints, planes)."""
+    code_shift = 2 if sparse else 0
+    if sparse and not sparse_asm_supported(bits):
+        raise ValueError(f"{bits}-bit 2:4 codes: the case bits are not a byte-word segment of their own")
     if is_float and bits - code_shift - 1 - man_bits > 4:
         raise ValueError("the kernels decode floats through fp16 exponents: E <= 4 (E = 5 needs fp16's inf/NaN codes)")
     segments = _pack.SEGMENTS[bits]
@@ -66,7 +72,7 @@ def planes_asm(bits: int, is_float: bool, man_bits: int, fp16: bool, symmetric_z
     word_bits = [s * _pack.TILE_K // depth for s in segments]
     value_bits = bits - code_shift
     targets = _targets(value_bits, is_float, man_bits, fp16)
-    n_out = 2 * planes
+    n_out = (4 if sparse else 2) * planes
     regs, operand = [], n_out  # input registers per segment, numbered after the outputs
     for i in range(3):
         wb = word_bits[i] if i < len(segments) else word_bits[0]
@@ -101,7 +107,7 @@ def planes_asm(bits: int, is_float: bool, man_bits: int, fp16: bool, symmetric_z
     magic = None if is_float else _half(1024.0 if fp16 else 128.0, fp16)
     for j in range(planes):
         for q in range(2):
-            out = f"${2 * j + q}"
+            out = f"v{2 * j + q}" if sparse else f"${2 * j + q}"
             fields = []  # (segment, first word bit, width, first target bit), code bits low to high
             shift = bits
             for seg, s in enumerate(segments):
@@ -135,7 +141,12 @@ def planes_asm(bits: int, is_float: bool, man_bits: int, fp16: bool, symmetric_z
                 lines.append(f"sub.{'f16x2' if fp16 else 'bf16x2'} {out}, {out}, c;")
             elif not fp16:  # to fp16's scale: bf16's tiny exponents would underflow in the products
                 lines.append(f"fma.rn.bf16x2 {out}, {out}, c, z;")
-    decl = [f".reg .b32 c, z{''.join(f', t{i + 1}' for i in range(temps))};"]  # (f16x2 operands: registers only)
+    values = [f"v{i}" for i in range(2 * planes)] if sparse else []
+    if sparse:
+        lines += _expand_2of4_lines(regs[len(segments) - 1][0], segments[-1], planes)
+    decl = [f".reg .b32 c, z{''.join(f', t{i + 1}' for i in range(temps))}{''.join(', ' + v for v in values)};"]
+    if sparse:
+        decl += _EXPAND_DECL  # (f16x2 operands: registers only)
     if magic is not None:
         decl.append(f"mov.b32 c, {_pair(_half((1024.0 if fp16 else 128.0) + (symmetric_zero or 0), fp16))};")
     elif not fp16:
@@ -143,6 +154,47 @@ def planes_asm(bits: int, is_float: bool, man_bits: int, fp16: bool, symmetric_z
     asm = "{\n" + "\n".join(decl + lines) + "\n}"
     constraints = ",".join(["=r"] * n_out + ["r"] * (operand - n_out))
     return asm, constraints, planes
+
+
+def sparse_asm_supported(code_bits: int) -> bool:
+    """Whether :func:`planes_asm` expands these 2:4 codes: their two low (case) bits must sit in a
+    segment of byte words (one register holds the 4 stored values' bytes): 6-bit (4+2), 8-bit (8) and
+    10-bit (4+4+2) codes, i.e. 4, 6 and 8-bit formats."""
+    segments = _pack.SEGMENTS[code_bits]
+    return segments[-1] >= 2 and segments[-1] * _pack.TILE_K // _pack.plane_depth(code_bits) == 8
+
+
+# Byte-permute selectors of a dense pair from (v0, v1) = a and zeros = b: "v0 v1" 0x3210, "v0 0"
+# 0x5410, "0 v0" 0x1054, "0 0" 0x5454, "v1 0" 0x5432, "0 v1" 0x3254. Tables of the pair 0-1's cases
+# (0..3: v0 v1, v0 0, 0 v0, 0 0) and the pair 2-3's (0 0, v1 0, 0 v1, v0 v1): low selector bytes in
+# register a, high ones in b, so that nibbles (case, 4 + case) look a selector up.
+_EXPAND_DECL = [".reg .b32 m, u, l0, l1, zz, s0a, s0b, s1a, s1b;", "mov.b32 zz, 0;",
+                "mov.b32 s0a, 0x54541010;", "mov.b32 s0b, 0x54105432;",
+                "mov.b32 s1a, 0x10543254;", "mov.b32 s1b, 0x32325454;"]
+
+
+def _expand_2of4_lines(meta: str, width: int, planes: int) -> list[str]:
+    """PTX of the dense operand of each plane from its decoded kept values ``v{2j}`` (group g:
+    v0 v1) and ``v{2j+1}`` (group g+1) and the case bits: byte e of ``meta`` holds stored value e's
+    at bits ``width * j`` (cases c0(g), c0(g+1), c1(g), c1(g+1)). 12 instructions per 8 dense values."""
+    lines = []
+    for j in range(planes):
+        src = meta
+        if width * j:
+            lines.append(f"shr.u32 m, {meta}, {width * j};")
+            src = "m"
+        lines += [f"and.b32 m, {src}, 0x03030303;",
+                  "mad.lo.u32 u, m, 0x11, 0x40404040;",  # byte e: nibbles (case_e, 4 + case_e)
+                  "prmt.b32 l0, s0a, s0b, u;",  # selectors of pair 0-1: group g (low half), g+1 (high)
+                  "shr.u32 u, u, 16;",
+                  "prmt.b32 l1, s1a, s1b, u;",  # pair 2-3
+                  f"prmt.b32 ${4 * j}, v{2 * j}, zz, l0;",
+                  f"prmt.b32 ${4 * j + 1}, v{2 * j}, zz, l1;",
+                  "shr.u32 l0, l0, 16;",
+                  "shr.u32 l1, l1, 16;",
+                  f"prmt.b32 ${4 * j + 2}, v{2 * j + 1}, zz, l0;",
+                  f"prmt.b32 ${4 * j + 3}, v{2 * j + 1}, zz, l1;"]
+    return lines
 
 
 def int4_words_asm(fp16: bool, symmetric_zero: int | None) -> str:

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .. import pack as _pack
 from ..qweight import QuantizedWeight
-from .decoders import e4m3_fp16_asm, int4_words_asm, int8_fp16_asm, planes_asm
+from .decoders import e4m3_fp16_asm, int4_words_asm, int8_fp16_asm, planes_asm, sparse_asm_supported
 from .triton_matmul import lowbit_dequant_kernel, lowbit_matmul_kernel
 
 __all__ = ["KernelConfig", "matmul", "fused_matmul", "dequantize", "choose_config", "heuristic_config"]
@@ -81,14 +81,21 @@ def _fast_path_constants(qw: QuantizedWeight, compute: torch.dtype, device: torc
     """Inline-PTX decoders on a real GPU (the interpreter has no inline asm; it decodes in plain
     Triton): int4 (MARLIN's trick), int8 and fp8 e4m3 in fp16 (byte permutes, the hardware's
     conversion, whose true values make the decode factor 1), every other format by the generic
-    plane decoder, except 8-bit integers in bf16 (8 bits do not fit bf16's mantissa)."""
+    plane decoder, except 8-bit integers in bf16 (8 bits do not fit bf16's mantissa); symmetric
+    2:4 codes of 4, 6 and 8-bit formats by the plane decoder's expanding variant."""
     fmt = qw.scheme.fmt
     fp16 = compute == torch.float16
     out = dict(ASM4="", ASM8="", ASMP="", ASMP_REGS="",
                SCALE_IN_COMPUTE=not fmt.is_float and not qw.scheme.mx and qw.scales.dtype == compute)
-    if device.type != "cuda" or qw.scheme.sparsity:  # 2:4 codes: plain Triton (positions and values)
+    if device.type != "cuda":
         return out
     zero = None if fmt.is_float or not qw.scheme.symmetric else fmt.offset
+    if qw.scheme.sparsity:  # 2:4: values and their expansion in one call (zero points: plain Triton)
+        if (fmt.is_float or qw.scheme.symmetric) and sparse_asm_supported(qw.scheme.code_bits) and \
+                (fp16 or fmt.is_float or fmt.bits < 8):
+            out["ASMP"], out["ASMP_REGS"], _ = planes_asm(qw.scheme.code_bits, fmt.is_float,
+                                                          getattr(fmt, "man_bits", 0), fp16, zero, sparse=True)
+        return out
     if not fmt.is_float and fmt.bits == 4:
         out["ASM4"] = int4_words_asm(fp16, zero)
     elif not fmt.is_float and fmt.bits == 8 and fp16:

@@ -1,6 +1,6 @@
 """Triton kernels: fused low-bit-weight matmul, and dequantization (for the prefill path).
 
-Both read the ``tiled-planes-v3`` layout (see :mod:`lowbit.pack`): a weight tile of ``BLOCK_N``
+Both read the ``tiled-planes-v4`` layout (see :mod:`lowbit.pack`): a weight tile of ``BLOCK_N``
 rows x 128 stored columns is one ``[BLOCK_N, D]`` word tile per bit segment (contiguous per
 16-row block); plane ``j`` (D consecutive k) is decoded to fp16/bf16 by the inline-PTX decoders
 of :mod:`.decoders` on a GPU (plain Triton in the interpreter: :func:`_extract_codes`,
@@ -91,18 +91,65 @@ def _asm_planes(ASMP: tl.constexpr, ASMP_REGS: tl.constexpr, w0, w1, w2, NP: tl.
 
 
 @triton.jit
-def _expand_2of4(v, pos, BLOCK_N: tl.constexpr, PD: tl.constexpr):
-    """Dense ``[BLOCK_N, 2*PD]`` weights from a plane's kept values ``v [BLOCK_N, PD]`` and their
-    positions: stored columns 2g and 2g+1 hold group g's entries at positions p0 < p1 (0..3)."""
-    v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, PD // 2, 2)))
-    p0, p1 = tl.split(tl.reshape(pos, (BLOCK_N, PD // 2, 2)))
+def _expand_2of4(v, case, BLOCK_N: tl.constexpr, PD: tl.constexpr):
+    """The dense weights of a plane of 2:4 kept values ``v [BLOCK_N, PD]`` (plain Triton; the PTX
+    decoder does the same with byte permutes): each 4 stored columns are groups g and g+1 (values
+    v0 v1 of g, then of g+1) with the cases c0(g), c0(g+1), c1(g), c1(g+1) of :mod:`lowbit.pack`.
+    Returns (group g's 4 dense values, group g+1's), each ``[BLOCK_N, PD]`` in the same columns."""
+    v_even, v_odd = tl.split(tl.reshape(v, (BLOCK_N, PD // 4, 2, 2)))
+    c_even, c_odd = tl.split(tl.reshape(case, (BLOCK_N, PD // 4, 2, 2)))
+    v0g, v0h = tl.split(v_even)
+    v1g, v1h = tl.split(v_odd)
+    c0g, c1g = tl.split(c_even)
+    c0h, c1h = tl.split(c_odd)
+    return _dense_group(v0g, v1g, c0g, c1g, BLOCK_N, PD), _dense_group(v0h, v1h, c0h, c1h, BLOCK_N, PD)
+
+
+@triton.jit
+def _dense_group(v0, v1, c0, c1, BLOCK_N: tl.constexpr, PD: tl.constexpr):
+    """``[BLOCK_N, PD]``: the 4 dense values of each group (positions 0..3 in consecutive columns) from
+    its kept values and cases: pair 0-1 is v0 v1 | v0 0 | 0 v0 | 0 0 (c0 = 0..3), pair 2-3 is
+    0 0 | v1 0 | 0 v1 | v0 v1 (c1 = 0..3)."""
     zero = tl.zeros_like(v0)
-    d0 = tl.where(p0 == 0, v0, zero)  # p1 > p0 >= 0: p1 is never 0, p0 never 3
-    d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
-    d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
-    d3 = tl.where(p1 == 3, v1, zero)
-    # [g, a, b] = d_{2a+b}: flattened, dense column 4g + q holds d_q
-    return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, 2 * PD))
+    d0 = tl.where(c0 <= 1, v0, zero)
+    d1 = tl.where(c0 == 0, v1, tl.where(c0 == 2, v0, zero))
+    d2 = tl.where(c1 == 1, v1, tl.where(c1 == 3, v0, zero))
+    d3 = tl.where(c1 >= 2, v1, zero)
+    # [q, a, b] = d_{2a+b}: flattened, column 4q + i holds d_i
+    return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, PD))
+
+
+@triton.jit
+def _plane_product(w, rk, s, part, xsum, ones, x_ptr, rm, m_mask, stride_xm, K, ELEMENT_SCALE: tl.constexpr,
+                   SCALE_IN_COMPUTE: tl.constexpr, ZERO_BY_SUMS: tl.constexpr, EVEN_K: tl.constexpr,
+                   SWAP_AB: tl.constexpr, COMPUTE: tl.constexpr):
+    """``part`` plus the product of the weight plane ``w [BLOCK_N, D]`` (input columns ``rk``) and x
+    (``w`` times the scales ``s [BLOCK_N, D]`` first, for groups shallower than a plane), and ``xsum``
+    plus the sums of x."""
+    if ELEMENT_SCALE:
+        if SCALE_IN_COMPUTE:
+            w = w * s.to(COMPUTE)
+        else:
+            w = (w.to(tl.float32) * s).to(COMPUTE)
+    if SWAP_AB:
+        if EVEN_K:  # no mask along k: the loads stay vectorized and the pipeliner makes them async
+            xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None], mask=m_mask[None, :], other=0.0)
+        else:
+            xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None], mask=m_mask[None, :] & (rk[:, None] < K),
+                         other=0.0)
+        part = tl.dot(w, xt.to(COMPUTE), part)
+        if ZERO_BY_SUMS:
+            xsum = tl.dot(ones, xt.to(COMPUTE), xsum)
+    else:
+        if EVEN_K:
+            xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None], other=0.0)
+        else:
+            xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K),
+                         other=0.0)
+        part = tl.dot(xs.to(COMPUTE), tl.trans(w), part)
+        if ZERO_BY_SUMS:
+            xsum = tl.dot(xs.to(COMPUTE), tl.trans(ones), xsum)
+    return part, xsum
 
 
 @triton.jit
@@ -167,7 +214,7 @@ def lowbit_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     xsum = tl.zeros(acc.shape, dtype=tl.float32)  # sum_k x of the current group, per output element
-    ones = tl.full((BLOCK_N, DPD), 1.0, COMPUTE)
+    ones = tl.full((BLOCK_N, PD), 1.0, COMPUTE)
     if PER_CHANNEL:
         s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, 0, n_groups, rn[:, None], n_mask[:, None], N, SYMMETRIC,
                                        SCALE_MX, OFFSET, FLOAT_FACTOR)
@@ -198,8 +245,8 @@ def lowbit_matmul_kernel(
         if ASM4 != "":  # (a dtype tuple holds plain dtypes: COMPUTE.value, not the constexpr)
             planes = tl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [w0], dtype=(COMPUTE.value,) * NP, is_pure=True,
                                                pack=2)
-        elif ASMP != "":
-            planes = _asm_planes(ASMP, ASMP_REGS, w0, w1, w2, NP, COMPUTE)
+        elif ASMP != "":  # 2:4: two dense halves per plane (groups g and g+1 of every 4 stored columns)
+            planes = _asm_planes(ASMP, ASMP_REGS, w0, w1, w2, 2 * NP if SPARSE else NP, COMPUTE)
         for j in tl.static_range(NP):
             k0 = t * KT + j * DPD
             if GROUP_SCALE:
@@ -211,51 +258,47 @@ def lowbit_matmul_kernel(
                     if ZERO_BY_SUMS:
                         xsum = tl.zeros(xsum.shape, dtype=tl.float32)
             if ELEMENT_SCALE:  # several groups in a plane: per-element scales
-                s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, ((k0 + rd) // GROUP_SIZE)[None, :], n_groups,
-                                               rn[:, None], n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET,
-                                               FLOAT_FACTOR)
                 if SPARSE:  # zero points meet the kept values before expansion: by stored column
                     _, z_tile = _scale_values(scales_ptr, zeros_ptr, ((k0 + 4 * (rp // 2)) // GROUP_SIZE)[None, :],
                                               n_groups, rn[:, None], n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET,
                                               FLOAT_FACTOR)
-            if ASM4 != "" or ASMP != "":
-                w = planes[j]
-            elif ASM8 != "":
-                w = tl.inline_asm_elementwise(ASM8, "=r,=r,r", [w0], dtype=tl.float16, is_pure=True, pack=4)
+                else:
+                    s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, ((k0 + rd) // GROUP_SIZE)[None, :], n_groups,
+                                                   rn[:, None], n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET,
+                                                   FLOAT_FACTOR)
+            if SPARSE:
+                if ASMP != "":
+                    w, w_g1 = planes[2 * j], planes[2 * j + 1]
+                else:
+                    code = _extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2)  # value << 2 | position case
+                    w, w_g1 = _expand_2of4(_decode(code >> 2, z_tile, COMPUTE, IS_FLOAT, BITS, MAN_BITS), code & 3,
+                                             BLOCK_N, PD)
+                # w: group g of each 4 stored columns (dense k 8q .. 8q+3 of the plane), w_g1: g+1 (8q+4 ..)
+                rk = k0 + 8 * (rp // 4) + rp % 4
+                if ELEMENT_SCALE:
+                    s_tile, _ = _scale_values(scales_ptr, zeros_ptr, (rk // GROUP_SIZE)[None, :], n_groups,
+                                              rn[:, None], n_mask[:, None], N, True, SCALE_MX, OFFSET, FLOAT_FACTOR)
+                    s_g1, _ = _scale_values(scales_ptr, zeros_ptr, ((rk + 4) // GROUP_SIZE)[None, :], n_groups,
+                                            rn[:, None], n_mask[:, None], N, True, SCALE_MX, OFFSET, FLOAT_FACTOR)
+                else:
+                    s_g1 = s_tile
+                part, xsum = _plane_product(w, rk, s_tile, part, xsum, ones, x_ptr, rm, m_mask, stride_xm, K,
+                                            ELEMENT_SCALE, SCALE_IN_COMPUTE, ZERO_BY_SUMS, EVEN_K, SWAP_AB, COMPUTE)
+                part, xsum = _plane_product(w_g1, rk + 4, s_g1, part, xsum, ones, x_ptr, rm, m_mask, stride_xm, K,
+                                            ELEMENT_SCALE, SCALE_IN_COMPUTE, ZERO_BY_SUMS, EVEN_K, SWAP_AB, COMPUTE)
             else:
-                code = _extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2)
-                if SPARSE:  # code = value << 2 | position
-                    w = _expand_2of4(_decode(code >> 2, 0 if ZERO_BY_SUMS else z_tile, COMPUTE, IS_FLOAT, BITS,
-                                             MAN_BITS), code & 3, BLOCK_N, PD)
+                if ASM4 != "" or ASMP != "":
+                    w = planes[j]
+                elif ASM8 != "":
+                    w = tl.inline_asm_elementwise(ASM8, "=r,=r,r", [w0], dtype=tl.float16, is_pure=True, pack=4)
                 else:
-                    w = _decode(code, 0 if ZERO_BY_SUMS else z_tile, COMPUTE, IS_FLOAT, BITS, MAN_BITS)
-            if ASM4 != "" or ASM8 != "" or ASMP != "":
-                if not SYMMETRIC and not ZERO_BY_SUMS:  # the asm left ``code``; the zero point varies per row
-                    w = w - z_tile.to(COMPUTE)
-            if ELEMENT_SCALE:
-                if SCALE_IN_COMPUTE:
-                    w = w * s_tile.to(COMPUTE)
-                else:
-                    w = (w.to(tl.float32) * s_tile).to(COMPUTE)
-            rk = k0 + rd
-            if SWAP_AB:
-                if EVEN_K:  # no mask along k: the loads stay vectorized and the pipeliner makes them async
-                    xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None], mask=m_mask[None, :], other=0.0)
-                else:
-                    xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None],
-                                 mask=m_mask[None, :] & (rk[:, None] < K), other=0.0)
-                part = tl.dot(w, xt.to(COMPUTE), part)
-                if ZERO_BY_SUMS:
-                    xsum = tl.dot(ones, xt.to(COMPUTE), xsum)
-            else:
-                if EVEN_K:
-                    xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None], other=0.0)
-                else:
-                    xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
-                                 mask=m_mask[:, None] & (rk[None, :] < K), other=0.0)
-                part = tl.dot(xs.to(COMPUTE), tl.trans(w), part)
-                if ZERO_BY_SUMS:
-                    xsum = tl.dot(xs.to(COMPUTE), tl.trans(ones), xsum)
+                    w = _decode(_extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2), 0 if ZERO_BY_SUMS else z_tile,
+                                COMPUTE, IS_FLOAT, BITS, MAN_BITS)
+                if ASM4 != "" or ASM8 != "" or ASMP != "":
+                    if not SYMMETRIC and not ZERO_BY_SUMS:  # the asm left ``code``; the zero point varies per row
+                        w = w - z_tile.to(COMPUTE)
+                part, xsum = _plane_product(w, k0 + rd, s_tile, part, xsum, ones, x_ptr, rm, m_mask, stride_xm, K,
+                                            ELEMENT_SCALE, SCALE_IN_COMPUTE, ZERO_BY_SUMS, EVEN_K, SWAP_AB, COMPUTE)
             if GROUP_SCALE:
                 if (j + 1) % PLANES_PER_GROUP == 0:
                     if ZERO_BY_SUMS:

@@ -1,6 +1,6 @@
 """Storage layout of low-bit codes, as the kernels read it, and its exact inverse.
 
-Layout ``tiled-planes-v3``
+Layout ``tiled-planes-v4``
 --------------------------
 A ``B``-bit code is split into *segments* of 8, 4, 2 and 1 bits, most significant first
 (``SEGMENTS[6] == (4, 2)``: bits 5..2, then bits 1..0), so every load stays aligned and no
@@ -20,6 +20,14 @@ tile (tile ``t`` of a block is ``16 * D`` contiguous words, row-major; rows past
 kernel's tile of 16*r rows is then r contiguous chunks of 256*s bytes instead of 16*r scattered
 rows of 16*s bytes, which DRAM serves at full speed (+20 % for int4, measured), and slicing the
 second dimension in equal parts still cuts whole tiles.
+
+2:4 sparse codes (``value << 2 | position``, :mod:`lowbit.sparsity`) are stored with their two
+position bits recoded (``sparse=True``, v4's change over v3): in each aligned block of four stored
+columns, i.e. groups ``g`` and ``g + 1`` (columns ``2g, 2g+1, 2g+2, 2g+3``), the low bits hold
+``case0(g), case0(g+1), case1(g), case1(g+1)``, where ``case0`` says what the dense pair of
+positions 0-1 holds (``v0 v1``, ``v0 0``, ``0 v0``, ``0 0``) and ``case1`` the pair 2-3 (``0 0``,
+``v1 0``, ``0 v1``, ``v0 v1``). Two byte permutes per pair then build the dense operand in
+registers (:func:`lowbit.kernels.decoders.sparse_planes_asm`).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import torch
 __all__ = ["TILE_K", "ROW_BLOCK", "LAYOUT", "SEGMENTS", "padded_k", "plane_depth", "code_dtype", "pack_codes",
            "unpack_codes", "segment_dtype", "segment_shape", "row_blocks"]
 
-LAYOUT = "tiled-planes-v3"
+LAYOUT = "tiled-planes-v4"
 TILE_K = 128
 ROW_BLOCK = 16
 
@@ -90,13 +98,43 @@ def _segment_shifts(bits: int) -> list[tuple[int, int]]:
     return out
 
 
+# (p0, p1) of a 2:4 group -> (case0, case1), and back; pack padding (0, 0) gets case (0, 0).
+_CASES = {(0, 1): (0, 0), (0, 2): (1, 1), (0, 3): (1, 2), (1, 2): (2, 1), (1, 3): (2, 2), (2, 3): (3, 3)}
+
+
+def _lookup(table: dict, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``table[(a, b)]`` elementwise for 2-bit ``a``, ``b`` (pairs not in the table give (0, 0))."""
+    flat = torch.zeros(16, 2, dtype=torch.int64, device=a.device)
+    for (i, j), out in table.items():
+        flat[4 * i + j] = torch.tensor(out)
+    hit = flat[4 * a + b]
+    return hit[..., 0], hit[..., 1]
+
+
+def _recode_positions(c: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Position bits of 2:4 codes ``c [N, K]`` (int64, K a multiple of 4) as the kernels' cases, or
+    (``inverse``) back."""
+    blocks = c.view(c.shape[0], -1, 4)
+    low = blocks & 3
+    if not inverse:  # columns (v0, v1) of groups g, g+1 -> cases (c0(g), c0(g+1), c1(g), c1(g+1))
+        c0g, c1g = _lookup(_CASES, low[..., 0], low[..., 1])
+        c0h, c1h = _lookup(_CASES, low[..., 2], low[..., 3])
+        new = torch.stack([c0g, c0h, c1g, c1h], dim=-1)
+    else:
+        p0g, p1g = _lookup({v: k for k, v in _CASES.items()}, low[..., 0], low[..., 2])
+        p0h, p1h = _lookup({v: k for k, v in _CASES.items()}, low[..., 1], low[..., 3])
+        new = torch.stack([p0g, p1g, p0h, p1h], dim=-1)
+    return ((blocks & ~3) | new).view_as(c)
+
+
 def code_dtype(bits: int) -> torch.dtype:
     """dtype of unpacked ``bits``-bit codes: uint8 up to 8 bits, int16 above."""
     return torch.uint8 if bits <= 8 else torch.int16
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
-    """``codes [N, K]`` (:func:`code_dtype`, each < 2**bits) -> one tensor per segment, in kernel layout."""
+def pack_codes(codes: torch.Tensor, bits: int, *, sparse: bool = False) -> tuple[torch.Tensor, ...]:
+    """``codes [N, K]`` (:func:`code_dtype`, each < 2**bits) -> one tensor per segment, in kernel layout.
+    ``sparse``: 2:4 codes ``value << 2 | position`` (positions ascending in each pair of columns)."""
     if bits not in SEGMENTS:
         raise ValueError(f"pack_codes supports {sorted(SEGMENTS)} bits, got {bits}")
     if codes.dtype != code_dtype(bits) or codes.dim() != 2:
@@ -111,6 +149,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
     kp = padded_k(k)
     c = torch.zeros(n, kp, dtype=torch.int64, device=codes.device)
     c[:, :k] = codes
+    if sparse:
+        c = _recode_positions(c, inverse=False)
     depth = plane_depth(bits)
     planes = TILE_K // depth
     out = []
@@ -128,8 +168,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-def unpack_codes(packed: tuple[torch.Tensor, ...], bits: int, k: int, *, rows: int) -> torch.Tensor:
-    """Exact inverse of :func:`pack_codes`: ``[rows, k]`` codes of :func:`code_dtype`."""
+def unpack_codes(packed: tuple[torch.Tensor, ...], bits: int, k: int, *, rows: int,
+                 sparse: bool = False) -> torch.Tensor:
+    """Exact inverse of :func:`pack_codes`: ``[rows, k]`` codes of :func:`code_dtype`. (2:4 position
+    cases that no pair of positions has come back as positions (0, 0), which validation refuses.)"""
     if bits not in SEGMENTS or len(packed) != len(SEGMENTS[bits]):
         raise ValueError(f"{bits}-bit codes need {len(SEGMENTS.get(bits, ()))} packed segments, got {len(packed)}")
     kp = padded_k(k)
@@ -146,4 +188,6 @@ def unpack_codes(packed: tuple[torch.Tensor, ...], bits: int, k: int, *, rows: i
         shifts = (torch.arange(planes, device=w.device, dtype=torch.int32) * s).view(1, 1, -1, 1)
         seg = ((w >> shifts) & ((1 << s) - 1)).to(code.dtype).reshape(rows, kp)
         code |= seg << shift if shift else seg
+    if sparse:
+        code = _recode_positions(code.to(torch.int64), inverse=True).to(code.dtype)
     return code[:, :k]

@@ -149,7 +149,7 @@ def build(scheme: Scheme, codes: torch.Tensor, stored_scales: torch.Tensor, zero
             raise ValueError(f"build: keep must be bool {tuple(codes.shape)} like the codes, "
                              f"got {keep.dtype} {tuple(keep.shape)}")
         codes = _sparse_codes(scheme, codes, keep, zeros)
-    return QuantizedWeight(scheme, (n, k), _pack.pack_codes(codes, scheme.code_bits),
+    return QuantizedWeight(scheme, (n, k), _pack.pack_codes(codes, scheme.code_bits, sparse=scheme.sparsity is not None),
                            stored_scales.T.contiguous(),
                            None if zeros is None else zeros.T.contiguous().to(torch.uint8), perm, dtype)
 
