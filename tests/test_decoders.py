@@ -194,16 +194,19 @@ def test_sparse_planes_expand_every_pattern_and_code(name, fp16):
         want = torch.zeros(256, dtype=torch.float64).scatter_(0, sparsity.dense_columns(positions)[0], kept)
         segs = [seg[0, :depth] for seg in pack.pack_codes(codes, bits, sparse=True)]
         segs = segs + [segs[0]] * (3 - len(segs))
-        got = torch.empty(256, dtype=torch.float64)
-        for i0 in range(0, depth, decoders.PACK):
-            regs = run_ptx(asm, [r for s in segs for r in _registers(s[i0:i0 + decoders.PACK])], 4 * planes)
-            for j in range(planes):
-                first = 2 * (depth * j + i0)  # dense column of group g's position 0
-                for r in range(4):  # g: pairs 0-1, 2-3; g+1: pairs 0-1, 2-3
-                    for h in range(2):
-                        got[first + 2 * r + h] = dec((regs[4 * j + r] >> (16 * h)) & 0xFFFF)
-        finite = torch.isfinite(want)  # e4m3fn's NaN codes are never produced
-        assert torch.equal(got[finite], want[finite]), name
+        for apart in (2, 8):  # the two pairs of a call: adjacent, or as Triton's matrix-operand layout holds them
+            got = torch.empty(256, dtype=torch.float64)
+            for i0 in range(0, depth, 2 * apart):
+                for i in range(i0, i0 + apart, 2):
+                    words = [i, i + 1, i + apart, i + apart + 1]  # stored columns of groups i/2 and (i+apart)/2
+                    regs = run_ptx(asm, [r for s in segs for r in _registers(s[words])], 4 * planes)
+                    for j in range(planes):
+                        for r, (pair, first) in enumerate([(0, 0), (1, 0), (0, 2), (1, 2)]):
+                            dense = 2 * (depth * j + words[2 * pair]) + first  # group's position 0 (or 2)
+                            for h in range(2):
+                                got[dense + h] = dec((regs[4 * j + r] >> (16 * h)) & 0xFFFF)
+            finite = torch.isfinite(want)  # e4m3fn's NaN codes are never produced
+            assert torch.equal(got[finite], want[finite]), (name, apart)
 
 
 def test_sparse_asm_supported_widths():

@@ -106,6 +106,19 @@ def test_heuristic_covers_batches():
             assert cfg.block_m >= min(m, 16)
 
 
+def test_tuned_entry_token_tile_fits_the_batch(monkeypatch):
+    qw = lowbit.quantize(torch.randn(256, 512), "int4-g128")
+    decode = KernelConfig(block_n=128, block_m=64, split_k=2)
+    prefill = KernelConfig(block_n=256, block_m=128, num_warps=8)
+    table = ((dispatch.table_key(64, qw), decode), (dispatch.table_key(256, qw), prefill))
+    monkeypatch.setattr(dispatch, "tuned_table", lambda slug: table)
+    cpu = torch.device("cpu")
+    assert [dispatch.choose_config(m, qw, cpu).block_m for m in (1, 17, 32, 64)] == [16, 32, 32, 64]
+    assert dispatch.choose_config(32, qw, cpu).split_k == 2  # the rest of the tuned entry stays
+    assert dispatch.choose_config(200, qw, cpu) == prefill
+    assert dispatch.choose_config(300, qw, cpu) == dispatch.heuristic_config(300, 256, 512, 4, 8)
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 GPU_SCHEMES = ["int4-g128", "int4-g64", "int4-g32", "int4-channel", "int4-g128-asym", "int4-g32-asym", "int8-channel",
                "int8-g128", "int2-g64", "int3-g128", "fp8_e4m3-channel", "fp6_e3m2-channel", "fp6_e2m3-channel",

@@ -486,9 +486,9 @@ def test_checkpoint_with_a_repeated_position_is_refused(tmp_path):
     qw = model[2].qweight
     bits, stored = qw.scheme.code_bits, qw.scheme.stored_columns(qw.in_features)
     cases = lpack.unpack_codes(qw.packed, bits, stored, rows=qw.out_features)  # position bits as stored
-    # Group 3 of row 5 (stored columns 4..7 hold groups 2 and 3): pair 0-1 "v0 v1" and pair 2-3
-    # "v1 0" would keep three entries; no pair of positions is stored so.
-    cases[5, 5] = cases[5, 5] & ~3
+    # Group 3 of row 5 (stored columns 6, 7): pair 0-1 "v0 v1" and pair 2-3 "v1 0" would keep three
+    # entries; no pair of positions is stored so.
+    cases[5, 6] = cases[5, 6] & ~3
     cases[5, 7] = (cases[5, 7] & ~3) | 1
     packed = lpack.pack_codes(cases, bits)
     for i, p in enumerate(packed):

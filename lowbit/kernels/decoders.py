@@ -57,9 +57,10 @@ def planes_asm(bits: int, is_float: bool, man_bits: int, fp16: bool, symmetric_z
     passes its first segment again, unused). Outputs: per plane two registers of two halves (k and
     k+1, then k+2 and k+3).
 
-    ``sparse``: 2:4 codes ``value << 2 | case`` (:mod:`lowbit.pack`): the 4 stored values are groups
-    g and g+1, and the outputs are per plane four registers: the dense pairs 0-1 and 2-3 of group g,
-    then of group g+1 (:func:`_expand_2of4_lines`); only :func:`sparse_asm_supported` codes.
+    ``sparse``: 2:4 codes ``value << 2 | case`` (:mod:`lowbit.pack`): the 4 stored values are two
+    groups (v0 v1 each, in consecutive columns: any two pairs), and the outputs are per plane four
+    registers: the dense pairs 0-1 of both groups, then their pairs 2-3 (:func:`_expand_2of4_lines`);
+    only :func:`sparse_asm_supported` codes.
     Returns (asm, constraints, planes)."""
     code_shift = 2 if sparse else 0
     if sparse and not sparse_asm_supported(bits):
@@ -174,9 +175,9 @@ _EXPAND_DECL = [".reg .b32 m, u, l0, l1, zz, s0a, s0b, s1a, s1b;", "mov.b32 zz, 
 
 
 def _expand_2of4_lines(meta: str, width: int, planes: int) -> list[str]:
-    """PTX of the dense operand of each plane from its decoded kept values ``v{2j}`` (group g:
-    v0 v1) and ``v{2j+1}`` (group g+1) and the case bits: byte e of ``meta`` holds stored value e's
-    at bits ``width * j`` (cases c0(g), c0(g+1), c1(g), c1(g+1)). 12 instructions per 8 dense values."""
+    """PTX of the dense operand of each plane from its decoded kept values ``v{2j}`` (group g: v0 v1)
+    and ``v{2j+1}`` (group g') and the case bits: byte e of ``meta`` holds stored value e's at bits
+    ``width * j`` (c0(g), c1(g), c0(g'), c1(g')). 13 instructions per 8 dense values."""
     lines = []
     for j in range(planes):
         src = meta
@@ -185,14 +186,15 @@ def _expand_2of4_lines(meta: str, width: int, planes: int) -> list[str]:
             src = "m"
         lines += [f"and.b32 m, {src}, 0x03030303;",
                   "mad.lo.u32 u, m, 0x11, 0x40404040;",  # byte e: nibbles (case_e, 4 + case_e)
-                  "prmt.b32 l0, s0a, s0b, u;",  # selectors of pair 0-1: group g (low half), g+1 (high)
-                  "shr.u32 u, u, 16;",
-                  "prmt.b32 l1, s1a, s1b, u;",  # pair 2-3
+                  "prmt.b32 l0, u, zz, 0x0020;",  # the c0 bytes (of g and g')
+                  "prmt.b32 l1, u, zz, 0x0031;",  # the c1 bytes
+                  "prmt.b32 l0, s0a, s0b, l0;",  # selectors of pair 0-1: g (low half), g' (high)
+                  "prmt.b32 l1, s1a, s1b, l1;",  # pair 2-3
                   f"prmt.b32 ${4 * j}, v{2 * j}, zz, l0;",
-                  f"prmt.b32 ${4 * j + 1}, v{2 * j}, zz, l1;",
+                  f"prmt.b32 ${4 * j + 2}, v{2 * j}, zz, l1;",
                   "shr.u32 l0, l0, 16;",
                   "shr.u32 l1, l1, 16;",
-                  f"prmt.b32 ${4 * j + 2}, v{2 * j + 1}, zz, l0;",
+                  f"prmt.b32 ${4 * j + 1}, v{2 * j + 1}, zz, l0;",
                   f"prmt.b32 ${4 * j + 3}, v{2 * j + 1}, zz, l1;"]
     return lines
 

@@ -84,6 +84,21 @@ def _scale_values(scales_ptr, zeros_ptr, g, n_groups, rows, row_mask, N, SYMMETR
 
 
 @triton.jit
+def _tile_group_scales(scales_ptr, zeros_ptr, t, n_groups, rn, n_mask, N, KT: tl.constexpr, GROUPS: tl.constexpr,
+                       SYMMETRIC: tl.constexpr, SCALE_MX: tl.constexpr, OFFSET: tl.constexpr,
+                       FLOAT_FACTOR: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """Scales and zero points of the ``GROUPS`` groups of k-tile ``t``: two tuples of ``[BLOCK_N, 1]``."""
+    scales = ()
+    zeros = ()
+    for i in tl.static_range(GROUPS):
+        s, z = _scale_values(scales_ptr, zeros_ptr, (t * KT) // GROUP_SIZE + i, n_groups, rn[:, None],
+                             n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
+        scales = scales + (s,)
+        zeros = zeros + (z,)
+    return scales, zeros
+
+
+@triton.jit
 def _asm_planes(ASMP: tl.constexpr, ASMP_REGS: tl.constexpr, w0, w1, w2, NP: tl.constexpr, COMPUTE: tl.constexpr):
     """The planes of a word tile through :func:`lowbit.kernels.decoders.planes_asm` (4 k per call)."""
     return tl.inline_asm_elementwise(ASMP, ASMP_REGS, [w0, w1, w2], dtype=(COMPUTE.value,) * NP, is_pure=True,
@@ -93,30 +108,18 @@ def _asm_planes(ASMP: tl.constexpr, ASMP_REGS: tl.constexpr, w0, w1, w2, NP: tl.
 @triton.jit
 def _expand_2of4(v, case, BLOCK_N: tl.constexpr, PD: tl.constexpr):
     """The dense weights of a plane of 2:4 kept values ``v [BLOCK_N, PD]`` (plain Triton; the PTX
-    decoder does the same with byte permutes): each 4 stored columns are groups g and g+1 (values
-    v0 v1 of g, then of g+1) with the cases c0(g), c0(g+1), c1(g), c1(g+1) of :mod:`lowbit.pack`.
-    Returns (group g's 4 dense values, group g+1's), each ``[BLOCK_N, PD]`` in the same columns."""
-    v_even, v_odd = tl.split(tl.reshape(v, (BLOCK_N, PD // 4, 2, 2)))
-    c_even, c_odd = tl.split(tl.reshape(case, (BLOCK_N, PD // 4, 2, 2)))
-    v0g, v0h = tl.split(v_even)
-    v1g, v1h = tl.split(v_odd)
-    c0g, c1g = tl.split(c_even)
-    c0h, c1h = tl.split(c_odd)
-    return _dense_group(v0g, v1g, c0g, c1g, BLOCK_N, PD), _dense_group(v0h, v1h, c0h, c1h, BLOCK_N, PD)
-
-
-@triton.jit
-def _dense_group(v0, v1, c0, c1, BLOCK_N: tl.constexpr, PD: tl.constexpr):
-    """``[BLOCK_N, PD]``: the 4 dense values of each group (positions 0..3 in consecutive columns) from
-    its kept values and cases: pair 0-1 is v0 v1 | v0 0 | 0 v0 | 0 0 (c0 = 0..3), pair 2-3 is
-    0 0 | v1 0 | 0 v1 | v0 v1 (c1 = 0..3)."""
+    decoder does the same with byte permutes): stored columns 2g, 2g+1 hold group g's values v0 v1
+    and the cases c0 c1 of :mod:`lowbit.pack`. Returns (the dense pairs 0-1 of every group, the
+    pairs 2-3), each ``[BLOCK_N, PD]``: columns 2g, 2g+1 hold group g's positions 0, 1 (2, 3)."""
+    v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, PD // 2, 2)))
+    c0, c1 = tl.split(tl.reshape(case, (BLOCK_N, PD // 2, 2)))
     zero = tl.zeros_like(v0)
+    # pair 0-1: v0 v1 | v0 0 | 0 v0 | 0 0 (c0 = 0..3); pair 2-3: 0 0 | v1 0 | 0 v1 | v0 v1 (c1 = 0..3)
     d0 = tl.where(c0 <= 1, v0, zero)
     d1 = tl.where(c0 == 0, v1, tl.where(c0 == 2, v0, zero))
     d2 = tl.where(c1 == 1, v1, tl.where(c1 == 3, v0, zero))
     d3 = tl.where(c1 >= 2, v1, zero)
-    # [q, a, b] = d_{2a+b}: flattened, column 4q + i holds d_i
-    return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, PD))
+    return tl.reshape(tl.join(d0, d1), (BLOCK_N, PD)), tl.reshape(tl.join(d2, d3), (BLOCK_N, PD))
 
 
 @triton.jit
@@ -221,15 +224,18 @@ def lowbit_matmul_kernel(
 
     # One group per tile (g >= 128): its scales are loaded a tile ahead (the pipeliner only prefetches
     # dot operands; a scale load in the loop stalled every iteration on DRAM latency, ncu).
-    TILE_GROUP: tl.constexpr = GROUP_SCALE and PLANES_PER_GROUP == NP
-    if TILE_GROUP:
-        s_next, z_next = _scale_values(scales_ptr, zeros_ptr, (t_start * KT) // GROUP_SIZE, n_groups, rn[:, None],
-                                       n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
+    # Groups of at least a plane: a tile's group scales (a tuple of [BLOCK_N, 1]) are loaded a tile ahead
+    # (the pipeliner only prefetches dot operands; a scale load in the loop stalled every iteration on
+    # DRAM latency, ncu).
+    GROUPS_PER_TILE: tl.constexpr = NP // PLANES_PER_GROUP if GROUP_SCALE else 0
+    if GROUP_SCALE:
+        s_next, z_next = _tile_group_scales(scales_ptr, zeros_ptr, t_start, n_groups, rn, n_mask, N, KT,
+                                            GROUPS_PER_TILE, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR, GROUP_SIZE)
     for t in range(t_start, t_end):
-        if TILE_GROUP:
-            s_tile, z_tile = s_next, z_next
-            s_next, z_next = _scale_values(scales_ptr, zeros_ptr, ((t + 1) * KT) // GROUP_SIZE, n_groups,
-                                           rn[:, None], n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
+        if GROUP_SCALE:
+            s_groups, z_groups = s_next, z_next
+            s_next, z_next = _tile_group_scales(scales_ptr, zeros_ptr, t + 1, n_groups, rn, n_mask, N, KT,
+                                                GROUPS_PER_TILE, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR, GROUP_SIZE)
         w0 = tl.load(seg0_ptr + _word_offsets(rn, t, rp, stride_w0, PD, ROW_BLOCK), mask=n_mask[:, None], other=0,
                      eviction_policy="evict_first")
         w1 = w0
@@ -245,15 +251,13 @@ def lowbit_matmul_kernel(
         if ASM4 != "":  # (a dtype tuple holds plain dtypes: COMPUTE.value, not the constexpr)
             planes = tl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [w0], dtype=(COMPUTE.value,) * NP, is_pure=True,
                                                pack=2)
-        elif ASMP != "":  # 2:4: two dense halves per plane (groups g and g+1 of every 4 stored columns)
+        elif ASMP != "":  # 2:4: two dense halves per plane (every group's positions 0-1, then 2-3)
             planes = _asm_planes(ASMP, ASMP_REGS, w0, w1, w2, 2 * NP if SPARSE else NP, COMPUTE)
         for j in tl.static_range(NP):
             k0 = t * KT + j * DPD
             if GROUP_SCALE:
                 if j % PLANES_PER_GROUP == 0:
-                    if not TILE_GROUP:
-                        s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, k0 // GROUP_SIZE, n_groups, rn[:, None],
-                                                       n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
+                    s_tile, z_tile = s_groups[j // PLANES_PER_GROUP], z_groups[j // PLANES_PER_GROUP]
                     part = tl.zeros(acc.shape, dtype=tl.float32)
                     if ZERO_BY_SUMS:
                         xsum = tl.zeros(xsum.shape, dtype=tl.float32)
@@ -273,18 +277,18 @@ def lowbit_matmul_kernel(
                     code = _extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2)  # value << 2 | position case
                     w, w_g1 = _expand_2of4(_decode(code >> 2, z_tile, COMPUTE, IS_FLOAT, BITS, MAN_BITS), code & 3,
                                              BLOCK_N, PD)
-                # w: group g of each 4 stored columns (dense k 8q .. 8q+3 of the plane), w_g1: g+1 (8q+4 ..)
-                rk = k0 + 8 * (rp // 4) + rp % 4
+                # w: the dense pairs 0-1 of the plane's groups (dense k 4g, 4g+1), w_g1: the pairs 2-3
+                rk = k0 + 4 * (rp // 2) + rp % 2
                 if ELEMENT_SCALE:
                     s_tile, _ = _scale_values(scales_ptr, zeros_ptr, (rk // GROUP_SIZE)[None, :], n_groups,
                                               rn[:, None], n_mask[:, None], N, True, SCALE_MX, OFFSET, FLOAT_FACTOR)
-                    s_g1, _ = _scale_values(scales_ptr, zeros_ptr, ((rk + 4) // GROUP_SIZE)[None, :], n_groups,
+                    s_g1, _ = _scale_values(scales_ptr, zeros_ptr, ((rk + 2) // GROUP_SIZE)[None, :], n_groups,
                                             rn[:, None], n_mask[:, None], N, True, SCALE_MX, OFFSET, FLOAT_FACTOR)
                 else:
                     s_g1 = s_tile
                 part, xsum = _plane_product(w, rk, s_tile, part, xsum, ones, x_ptr, rm, m_mask, stride_xm, K,
                                             ELEMENT_SCALE, SCALE_IN_COMPUTE, ZERO_BY_SUMS, EVEN_K, SWAP_AB, COMPUTE)
-                part, xsum = _plane_product(w_g1, rk + 4, s_g1, part, xsum, ones, x_ptr, rm, m_mask, stride_xm, K,
+                part, xsum = _plane_product(w_g1, rk + 2, s_g1, part, xsum, ones, x_ptr, rm, m_mask, stride_xm, K,
                                             ELEMENT_SCALE, SCALE_IN_COMPUTE, ZERO_BY_SUMS, EVEN_K, SWAP_AB, COMPUTE)
             else:
                 if ASM4 != "" or ASMP != "":

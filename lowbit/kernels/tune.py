@@ -3,8 +3,9 @@
 For each (layer shape, batch M, bits, scale kind) it times candidate configs with the same
 method as the benchmark (CUDA-graph replay, weights rotated over > 3x L2) by coordinate
 descent from the heuristic config (split-K, then pipeline depth, then tile sizes and warps), also
-times dequantize + cuBLAS, and keeps the fastest. Writes ``lowbit/kernels/configs/<gpu>.json``
-(merged with existing entries) or ``--out``.
+times dequantize + cuBLAS, and keeps the fastest; a config whose output is not within 1e-2 of the
+exact reference is never kept. Writes ``lowbit/kernels/configs/<gpu>.json`` (merged with existing
+entries, rewritten after every entry) or ``--out``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from triton.runtime.errors import OutOfResources
 
+from ..scheme import Scheme
 from ..bench.common import LAYER_SETS, clone_qweight, copies_for, graph_time_us, random_qweight, run_metadata
 from . import dispatch
 from .dispatch import KernelConfig
@@ -59,24 +61,39 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
     device = qw.device
     qws = [qw] + [clone_qweight(qw) for _ in range(copies_for(qw.nbytes, device) - 1)]
     x = torch.randn(m, qw.in_features, dtype=qw.dtype, device=device)
+    reference = torch.nn.functional.linear(x.float(), qw.dequantize(torch.float32))
     k_tiles = -(-qw.in_features // 128)
-    best = dispatch.heuristic_config(m, qw.out_features, qw.in_features, qw.scheme.bits,
-                                     torch.cuda.get_device_properties(device).multi_processor_count)
-    seen = {best: _time(qws, x, best, replays)}
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    best = dispatch.heuristic_config(m, qw.out_features, qw.in_features, qw.scheme.bits, sms)
+    if best.path == "dequant":  # the fused kernel at its prefill tiles is a candidate too
+        best = dispatch.heuristic_config(512, qw.out_features, qw.in_features, qw.scheme.bits, sms)
+
+    def measure(cfg: KernelConfig) -> float:
+        """Microseconds of ``cfg``; inf unless it runs here and its output is right."""
+        us = _time(qws, x, cfg, replays)
+        if us != float("inf"):
+            out = dispatch.matmul(x, qw, None, config=cfg).float()
+            err = float((out - reference).norm() / reference.norm())
+            if not err < 1e-2:
+                print(f"    {cfg}: relative error {err:.2e}, not a candidate")
+                return float("inf")
+        return us
+
+    seen = {best: measure(best)}
     if m > 16:  # the other orientation is a candidate too
         alt = dataclasses.replace(best, swap_ab=not best.swap_ab,
                                   block_m=(128 if m > 128 else 64) if best.swap_ab else max(16, min(64, m)),
                                   num_warps=8 if best.swap_ab else 4)
-        seen[alt] = _time(qws, x, alt, replays)
+        seen[alt] = measure(alt)
     for _ in range(rounds):
         current = min(seen, key=seen.get)
         for cand in _neighbours(current, m, k_tiles):
             if cand not in seen:
-                seen[cand] = _time(qws, x, cand, replays)
+                seen[cand] = measure(cand)
         if min(seen, key=seen.get) == current:
             break
     dq = KernelConfig(path="dequant")
-    seen[dq] = _time(qws, x, dq, replays)
+    seen[dq] = measure(dq)
     best = min(seen, key=seen.get)
     return best, seen[best], {"heuristic_us": next(iter(seen.values())), "tried": len(seen)}
 
@@ -93,11 +110,15 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
+    for scheme in a.schemes:
+        if Scheme.parse(scheme).sparsity:
+            p.error(f"{scheme}: 2:4 schemes have no tuned entries (their kernels use the heuristic)")
     device = torch.device("cuda")
     out = a.out or dispatch.CONFIG_DIR / f"{dispatch._gpu_slug(device)}.json"
     data = json.loads(out.read_text()) if out.exists() else {"entries": []}
     entries = {json.dumps(e["key"], sort_keys=True): e for e in data["entries"]}
     dtype = getattr(torch, a.dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for scheme in a.schemes:
         for set_name in a.sets:
             for layer, k, n in LAYER_SETS[set_name]:
@@ -109,15 +130,21 @@ def main(argv=None) -> int:
                                                                 "us": us, **info}
                     print(f"{scheme} {set_name}/{layer} M={m}: {us:.1f} us (heuristic {info['heuristic_us']:.1f}, "
                           f"{info['tried']} tried) {cfg}", flush=True)
+                    _write_table(out, device, a.dtype, entries)  # after every entry: a run cut short keeps them
                 del qw
                 torch.cuda.empty_cache()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**run_metadata(device), "dtype": a.dtype,
-                               "entries": sorted(entries.values(), key=lambda e: json.dumps(e["key"], sort_keys=True))},
-                              indent=1))
-    dispatch.tuned_table.cache_clear()
     print(f"wrote {out}")
     return 0
+
+
+def _write_table(out: Path, device, dtype: str, entries: dict) -> None:
+    """The table, replaced atomically (the dispatcher never reads half a file)."""
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**run_metadata(device), "dtype": dtype,
+                               "entries": sorted(entries.values(), key=lambda e: json.dumps(e["key"], sort_keys=True))},
+                              indent=1))
+    tmp.replace(out)
+    dispatch.tuned_table.cache_clear()
 
 
 if __name__ == "__main__":

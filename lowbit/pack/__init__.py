@@ -22,12 +22,11 @@ rows of 16*s bytes, which DRAM serves at full speed (+20 % for int4, measured), 
 second dimension in equal parts still cuts whole tiles.
 
 2:4 sparse codes (``value << 2 | position``, :mod:`lowbit.sparsity`) are stored with their two
-position bits recoded (``sparse=True``, v4's change over v3): in each aligned block of four stored
-columns, i.e. groups ``g`` and ``g + 1`` (columns ``2g, 2g+1, 2g+2, 2g+3``), the low bits hold
-``case0(g), case0(g+1), case1(g), case1(g+1)``, where ``case0`` says what the dense pair of
-positions 0-1 holds (``v0 v1``, ``v0 0``, ``0 v0``, ``0 0``) and ``case1`` the pair 2-3 (``0 0``,
-``v1 0``, ``0 v1``, ``v0 v1``). Two byte permutes per pair then build the dense operand in
-registers (:func:`lowbit.kernels.decoders.sparse_planes_asm`).
+position bits recoded (``sparse=True``, v4's change over v3): group ``g``'s stored columns ``2g``
+and ``2g+1`` hold ``case0`` and ``case1``, what its dense pair of positions 0-1 holds (``v0 v1``,
+``v0 0``, ``0 v0``, ``0 0``) and what the pair 2-3 holds (``0 0``, ``v1 0``, ``0 v1``, ``v0 v1``).
+Two byte permutes per pair then build the dense operand in registers, from any two consecutive
+stored columns (:func:`lowbit.kernels.decoders.planes_asm`).
 """
 
 from __future__ import annotations
@@ -112,19 +111,12 @@ def _lookup(table: dict, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _recode_positions(c: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """Position bits of 2:4 codes ``c [N, K]`` (int64, K a multiple of 4) as the kernels' cases, or
-    (``inverse``) back."""
-    blocks = c.view(c.shape[0], -1, 4)
-    low = blocks & 3
-    if not inverse:  # columns (v0, v1) of groups g, g+1 -> cases (c0(g), c0(g+1), c1(g), c1(g+1))
-        c0g, c1g = _lookup(_CASES, low[..., 0], low[..., 1])
-        c0h, c1h = _lookup(_CASES, low[..., 2], low[..., 3])
-        new = torch.stack([c0g, c0h, c1g, c1h], dim=-1)
-    else:
-        p0g, p1g = _lookup({v: k for k, v in _CASES.items()}, low[..., 0], low[..., 2])
-        p0h, p1h = _lookup({v: k for k, v in _CASES.items()}, low[..., 1], low[..., 3])
-        new = torch.stack([p0g, p1g, p0h, p1h], dim=-1)
-    return ((blocks & ~3) | new).view_as(c)
+    """Position bits of 2:4 codes ``c [N, K]`` (int64, K even) as the kernels' cases, or (``inverse``) back."""
+    pairs = c.view(c.shape[0], -1, 2)
+    low = pairs & 3
+    table = {v: k for k, v in _CASES.items()} if inverse else _CASES
+    first, second = _lookup(table, low[..., 0], low[..., 1])
+    return ((pairs & ~3) | torch.stack([first, second], dim=-1)).view_as(c)
 
 
 def code_dtype(bits: int) -> torch.dtype:
