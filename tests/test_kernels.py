@@ -177,9 +177,10 @@ def test_gpu_deterministic():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["int4-g128", "int4-g128-2:4", "fp6_e3m2-channel-2:4", "fp8_e5m2-channel"])
 @pytest.mark.parametrize("m", [1, 16, 100, 1024])
-def test_gpu_cuda_graph_capture(m):
-    qw = lowbit.quantize(torch.randn(3000, 2048, dtype=torch.float16, device="cuda"), "int4-g128")
+def test_gpu_cuda_graph_capture(m, scheme):
+    qw = lowbit.quantize(torch.randn(3000, 2048, dtype=torch.float16, device="cuda"), scheme)
     x = torch.randn(m, 2048, dtype=torch.float16, device="cuda")
     eager = lowbit.matmul(x, qw)
     graph = torch.cuda.CUDAGraph()

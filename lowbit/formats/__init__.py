@@ -140,9 +140,21 @@ class FloatFormat(Format):
             mags = torch.cat([mags, mags.new_full((1,), float("nan"))])
         return torch.cat([mags, -mags]).to(torch.float32)
 
+    @cached_property
+    def _tables(self) -> dict:
+        """:attr:`_code_values` per device (copied once: a copy inside CUDA graph capture would fail)."""
+        return {}
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         _check_codes(codes, self.bits)
-        table = self._code_values.to(codes.device)
+        return self.lookup(codes)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` without its range check (a host sync): for codes known to be in range,
+        e.g. unpacked ones, also inside CUDA graph capture once this device has decoded once."""
+        table = self._tables.get(codes.device)
+        if table is None:
+            table = self._tables[codes.device] = self._code_values.to(codes.device)
         return table.index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)
 
 

@@ -27,7 +27,7 @@ from ..qweight import QuantizedWeight
 from .decoders import e4m3_fp16_asm, int4_words_asm, int8_fp16_asm, planes_asm, sparse_asm_supported
 from .triton_matmul import lowbit_dequant_kernel, lowbit_matmul_kernel
 
-__all__ = ["KernelConfig", "matmul", "fused_matmul", "dequantize", "choose_config", "heuristic_config"]
+__all__ = ["KernelConfig", "PREFILL_FUSED", "matmul", "fused_matmul", "dequantize", "choose_config", "heuristic_config"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # float32: only the dequantization kernel (float32 activations multiply a dequantized weight).
@@ -179,30 +179,33 @@ def _num_sms(device: torch.device) -> int:
         if device.type == "cuda" else 8
 
 
+# The fused kernel's best prefill tiles on the 70B layers at 256 tokens (tuned, H200): where the tuned
+# table has no entry, past 128 tokens dequantizing once and calling cuBLAS is faster for most schemes.
+PREFILL_FUSED = KernelConfig(block_n=256, block_m=64, split_k=1, swap_ab=True, num_warps=8, num_stages=3)
+
+
 def heuristic_config(m: int, n: int, k: int, bits: int, sms: int) -> KernelConfig:
     """A config from what tuning found on Hopper (used where no tuned entry exists).
 
-    Weights are the wide operand (swap A/B). Up to 32 tokens: 128-row tiles and 4 warps, split-K
-    until about 12 programs per SM (the loop is latency-bound: more programs in flight hide more
-    of it); up to 128 tokens 64-row by 64-token tiles, about 2 programs per SM; up to 512 tokens
-    256-row by 64-token tiles and 8 warps (tuned on the 70B layers at 256 tokens: 0.73x of cuBLAS,
-    where dequantizing first reaches 0.5x); past 512 tokens dequantize once and call cuBLAS (at
-    1024 tokens 0.84x against the fused kernel's ~0.6x).
+    Up to 128 tokens, weights as the wide operand (swap A/B): up to 32 tokens 128-row tiles and 4
+    warps, split-K until about 12 programs per SM (the loop is latency-bound: more programs in
+    flight hide more of it); larger batches 64-row by 64-token tiles, about 2 programs per SM. Past
+    128 tokens: dequantize once and call cuBLAS (measured on the 70B layers at 256 tokens: 0.4-0.5x
+    of cuBLAS alone, against 0.3-0.5x for :data:`PREFILL_FUSED`, except int4-g128, whose tuned
+    entries run it at 0.74x).
     """
-    if m > 512:
+    if m > 128:
         return KernelConfig(path="dequant")
     k_tiles = triton.cdiv(k, _pack.TILE_K)
-    if m > 128:
-        block_n, block_m, warps, per_sm = 256, 64, 8, 1
-    elif m > 32:
-        block_n, block_m, warps, per_sm = 64, 64, 4, 2
-    else:
-        block_n, block_m, warps, per_sm = 128, max(16, triton.next_power_of_2(m)), 4, 12
+    small = m <= 32
+    block_n = 128 if small else 64
+    block_m = max(16, triton.next_power_of_2(m)) if small else 64
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    target = (12 if small else 2) * sms
     split = 1
-    while tiles * split < per_sm * sms and split < min(8, max(1, k_tiles // 4)):
+    while tiles * split < target and split < min(8, max(1, k_tiles // 4)):
         split += 1
-    return KernelConfig(block_n=block_n, block_m=block_m, split_k=split, swap_ab=True, num_warps=warps, num_stages=3)
+    return KernelConfig(block_n=block_n, block_m=block_m, split_k=split, swap_ab=True, num_warps=4, num_stages=3)
 
 
 def _gpu_slug(device: torch.device) -> str:
@@ -260,8 +263,7 @@ def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, forc
     x = x.contiguous()
     cfg = config or choose_config(x.shape[0], qw, x.device)
     if cfg.path == "dequant" and force_triton:  # the fused kernel at its prefill tiles
-        cfg = heuristic_config(min(x.shape[0], 512), qw.out_features, qw.in_features, qw.scheme.bits,
-                               _num_sms(x.device))
+        cfg = PREFILL_FUSED
     if cfg.path == "dequant":
         w = dequantize(qw, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

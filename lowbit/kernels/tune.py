@@ -66,7 +66,7 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     best = dispatch.heuristic_config(m, qw.out_features, qw.in_features, qw.scheme.bits, sms)
     if best.path == "dequant":  # the fused kernel at its prefill tiles is a candidate too
-        best = dispatch.heuristic_config(512, qw.out_features, qw.in_features, qw.scheme.bits, sms)
+        best = dispatch.PREFILL_FUSED
 
     def measure(cfg: KernelConfig) -> float:
         """Microseconds of ``cfg``; inf unless it runs here and its output is right."""

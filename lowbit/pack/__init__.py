@@ -97,25 +97,21 @@ def _segment_shifts(bits: int) -> list[tuple[int, int]]:
     return out
 
 
-# (p0, p1) of a 2:4 group -> (case0, case1), and back; pack padding (0, 0) gets case (0, 0).
-_CASES = {(0, 1): (0, 0), (0, 2): (1, 1), (0, 3): (1, 2), (1, 2): (2, 1), (1, 3): (2, 2), (2, 3): (3, 3)}
-
-
-def _lookup(table: dict, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``table[(a, b)]`` elementwise for 2-bit ``a``, ``b`` (pairs not in the table give (0, 0))."""
-    flat = torch.zeros(16, 2, dtype=torch.int64, device=a.device)
-    for (i, j), out in table.items():
-        flat[4 * i + j] = torch.tensor(out)
-    hit = flat[4 * a + b]
-    return hit[..., 0], hit[..., 1]
-
-
 def _recode_positions(c: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """Position bits of 2:4 codes ``c [N, K]`` (int64, K even) as the kernels' cases, or (``inverse``) back."""
+    """Position bits of 2:4 codes ``c [N, K]`` (int64, K even) as the kernels' cases, or (``inverse``)
+    back: (p0, p1) = (0,1) (0,2) (0,3) (1,2) (1,3) (2,3) <-> (c0, c1) = (0,0) (1,1) (1,2) (2,1) (2,2) (3,3).
+    Arithmetic on the codes' device (no table: this also runs inside CUDA graph capture); cases of no
+    pair of positions come back as (0, 0), which validation refuses."""
     pairs = c.view(c.shape[0], -1, 2)
-    low = pairs & 3
-    table = {v: k for k, v in _CASES.items()} if inverse else _CASES
-    first, second = _lookup(table, low[..., 0], low[..., 1])
+    a, b = pairs[..., 0] & 3, pairs[..., 1] & 3
+    if not inverse:
+        first = torch.where(a == 0, (b >= 2).long(), a + 1)
+        second = torch.where(b == 1, 0, torch.where(b == 2, 1, torch.where(a == 2, 3, 2)))
+    else:
+        middle = (a >= 1) & (a <= 2) & (b >= 1) & (b <= 2)
+        valid = ((a == 0) & (b == 0)) | middle | ((a == 3) & (b == 3))
+        first = torch.where(valid, (a - 1).clamp(min=0), 0)
+        second = torch.where(valid, torch.where(a == 0, 1, torch.where(a == 3, 3, b + 1)), 0)
     return ((pairs & ~3) | torch.stack([first, second], dim=-1)).view_as(c)
 
 

@@ -77,8 +77,8 @@ def encode_codes(w: torch.Tensor, scheme: Scheme, scales: torch.Tensor, zeros: t
 def decode_codes(codes: torch.Tensor, scheme: Scheme, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
     """float32 values of ``codes`` under element-wise ``scales`` (and ``zeros``)."""
     fmt = scheme.fmt
-    if isinstance(fmt, FloatFormat):
-        return fmt.decode(codes) * scales
+    if isinstance(fmt, FloatFormat):  # (codes are in range: unpacked, or just encoded)
+        return fmt.lookup(codes) * scales
     z = fmt.offset if zeros is None else zeros.to(torch.float32)
     return (codes.to(torch.float32) - z) * scales
 
