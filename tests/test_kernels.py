@@ -55,7 +55,8 @@ def test_fused_kernel_matches_reference(scheme, cfg):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-@pytest.mark.parametrize("scheme", ["int4-g32-asym", "fp6_e3m2-g64", "fp4_e2m1-g32-mx", "int8-channel", "int3-g128"])
+@pytest.mark.parametrize("scheme", ["int4-g32-asym", "fp6_e3m2-g64", "fp4_e2m1-g32-mx", "int8-channel", "int3-g128",
+                                    "int4-g128-2:4", "int4-g16-asym-2:4", "fp6_e3m2-channel-2:4", "int3-g64-2:4"])
 def test_dequant_kernel_is_exact(scheme, dtype):
     """(float32: what float32 activations on a GPU multiply with.)"""
     w = torch.randn(70, 300, dtype=torch.float16, device=DEVICE)

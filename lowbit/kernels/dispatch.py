@@ -156,16 +156,13 @@ def dense_tile_k(qw: QuantizedWeight) -> int:
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype, block_n: int = 64) -> torch.Tensor:
-    """``qw.dequantize(dtype)`` by a Triton kernel (in stored column order, i.e. before ``perm``);
-    2:4 sparse weights by their own (torch) dequantization."""
-    if qw.scheme.sparsity:
-        return qw.dequantize(dtype)
+    """``qw.dequantize(dtype)`` by a Triton kernel (in stored column order, i.e. before ``perm``)."""
     n, k = qw.shape
     out = torch.empty(n, k, dtype=dtype, device=qw.device)
     segs, strides = _segment_args(qw)
-    lowbit_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, _pack.TILE_K))](
+    lowbit_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, dense_tile_k(qw)))](
         *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, out, n, k, *strides, qw.num_groups,
-        BLOCK_N=block_n, num_warps=4, **_scheme_constants(qw, dtype))
+        SPARSE=qw.scheme.sparsity is not None, BLOCK_N=block_n, num_warps=4, **_scheme_constants(qw, dtype))
     return out
 
 

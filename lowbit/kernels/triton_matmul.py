@@ -364,11 +364,14 @@ def lowbit_dequant_kernel(
     BITS: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr, PD: tl.constexpr,
     IS_FLOAT: tl.constexpr, MAN_BITS: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
     SYMMETRIC: tl.constexpr, OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MX: tl.constexpr,
-    COMPUTE: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    COMPUTE: tl.constexpr, ROW_BLOCK: tl.constexpr, SPARSE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """``out[N, K]`` = the weight in ``COMPUTE`` dtype (as ``QuantizedWeight.dequantize(COMPUTE)``)."""
+    """``out[N, K]`` = the weight in ``COMPUTE`` dtype (as ``QuantizedWeight.dequantize(COMPUTE)``);
+    2:4 weights expanded as the fused kernel does (:func:`_expand_2of4`)."""
     TILE_K: tl.constexpr = 128
     NP: tl.constexpr = TILE_K // PD
+    KT: tl.constexpr = 2 * TILE_K if SPARSE else TILE_K  # dense k of a stored tile
+    DPD: tl.constexpr = 2 * PD if SPARSE else PD
     t = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rp = tl.arange(0, PD)
@@ -381,16 +384,46 @@ def lowbit_dequant_kernel(
     if SEG2 > 0:
         w2 = tl.load(seg2_ptr + _word_offsets(rn, t, rp, stride_w2, PD, ROW_BLOCK), mask=n_mask[:, None], other=0)
     for j in tl.static_range(NP):
-        k0 = t * TILE_K + j * PD
-        if GROUP_SIZE == -1:
-            g = 0
-        elif GROUP_SIZE >= PD:
-            g = k0 // GROUP_SIZE
+        k0 = t * KT + j * DPD
+        code = _extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2)
+        if SPARSE:  # code = value << 2 | case; a kept value's zero point is its dense column's group's
+            _, z = _scale_values(scales_ptr, zeros_ptr, _group_of(k0 + 4 * (rp // 2), GROUP_SIZE), n_groups,
+                                 rn[:, None], n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
+            pairs01, pairs23 = _expand_2of4(_decode(code >> 2, z, COMPUTE, IS_FLOAT, BITS, MAN_BITS), code & 3,
+                                            BLOCK_N, PD)
+            rk = k0 + 4 * (rp // 2) + rp % 2
+            _store_dequantized(pairs01, rk, scales_ptr, zeros_ptr, out_ptr, rn, n_mask, N, K, n_groups, SYMMETRIC,
+                               SCALE_MX, OFFSET, FLOAT_FACTOR, GROUP_SIZE, COMPUTE)
+            _store_dequantized(pairs23, rk + 2, scales_ptr, zeros_ptr, out_ptr, rn, n_mask, N, K, n_groups, SYMMETRIC,
+                               SCALE_MX, OFFSET, FLOAT_FACTOR, GROUP_SIZE, COMPUTE)
         else:
-            g = ((k0 + rp) // GROUP_SIZE)[None, :]
-        s, z = _scale_values(scales_ptr, zeros_ptr, g, n_groups, rn[:, None], n_mask[:, None], N, SYMMETRIC, SCALE_MX,
-                             OFFSET, FLOAT_FACTOR)
-        v = _decode(_extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2), z, COMPUTE, IS_FLOAT, BITS, MAN_BITS)
-        w = (v.to(tl.float32) * s).to(COMPUTE)
-        rk = k0 + rp
-        tl.store(out_ptr + rn[:, None] * K + rk[None, :], w, mask=n_mask[:, None] & (rk[None, :] < K))
+            if GROUP_SIZE == -1:
+                g = 0
+            elif GROUP_SIZE >= PD:  # one group per plane: one scale per row
+                g = k0 // GROUP_SIZE
+            else:
+                g = ((k0 + rp) // GROUP_SIZE)[None, :]
+            s, z = _scale_values(scales_ptr, zeros_ptr, g, n_groups, rn[:, None], n_mask[:, None], N, SYMMETRIC,
+                                 SCALE_MX, OFFSET, FLOAT_FACTOR)
+            w = (_decode(code, z, COMPUTE, IS_FLOAT, BITS, MAN_BITS).to(tl.float32) * s).to(COMPUTE)
+            rk = k0 + rp
+            tl.store(out_ptr + rn[:, None] * K + rk[None, :], w, mask=n_mask[:, None] & (rk[None, :] < K))
+
+
+@triton.jit
+def _group_of(rk, GROUP_SIZE: tl.constexpr):
+    """Scale group(s) ``[1, D]`` of input columns ``rk`` (0 for per-channel scales)."""
+    if GROUP_SIZE == -1:
+        return tl.zeros_like(rk)[None, :]
+    return (rk // GROUP_SIZE)[None, :]
+
+
+@triton.jit
+def _store_dequantized(v, rk, scales_ptr, zeros_ptr, out_ptr, rn, n_mask, N, K, n_groups, SYMMETRIC: tl.constexpr,
+                       SCALE_MX: tl.constexpr, OFFSET: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
+                       GROUP_SIZE: tl.constexpr, COMPUTE: tl.constexpr):
+    """``out[rn, rk] = v * scale`` (in float32, rounded once to ``COMPUTE``) for decoded values ``v``."""
+    s, _ = _scale_values(scales_ptr, zeros_ptr, _group_of(rk, GROUP_SIZE), n_groups, rn[:, None], n_mask[:, None], N,
+                         True, SCALE_MX, OFFSET, FLOAT_FACTOR)
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], (v.to(tl.float32) * s).to(COMPUTE),
+             mask=n_mask[:, None] & (rk[None, :] < K))
