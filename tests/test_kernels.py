@@ -113,11 +113,13 @@ def test_tuned_entry_token_tile_fits_the_batch(monkeypatch):
     prefill = KernelConfig(block_n=256, block_m=128, num_warps=8)
     table = ((dispatch.table_key(64, qw), decode), (dispatch.table_key(256, qw), prefill))
     monkeypatch.setattr(dispatch, "tuned_table", lambda slug: table)
+    dispatch._choose.cache_clear()  # (choices are cached per table key)
     cpu = torch.device("cpu")
     assert [dispatch.choose_config(m, qw, cpu).block_m for m in (1, 17, 32, 64)] == [16, 32, 32, 64]
     assert dispatch.choose_config(32, qw, cpu).split_k == 2  # the rest of the tuned entry stays
     assert dispatch.choose_config(200, qw, cpu) == prefill
     assert dispatch.choose_config(300, qw, cpu) == dispatch.heuristic_config(300, 256, 512, 4, 8)
+    dispatch._choose.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------- GPU

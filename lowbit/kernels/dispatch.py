@@ -227,12 +227,17 @@ def table_key(m: int, qw: QuantizedWeight) -> dict:
 
 def choose_config(m: int, qw: QuantizedWeight, device: torch.device) -> KernelConfig:
     """The tuned entry for this (bits, scale kind, N, K) and batch bucket, else the heuristic."""
-    n, k = qw.shape
-    if qw.scheme.sparsity:  # no tuned entries for 2:4 weights yet (their k-tiles are 256 deep)
-        return heuristic_config(m, n, k // 2, qw.scheme.bits, _num_sms(device))
-    want = {key: value for key, value in table_key(m, qw).items() if key != "m"}
-    entries = [(key, cfg) for key, cfg in tuned_table(_gpu_slug(device))
-               if all(key.get(name) == value for name, value in want.items())]
+    key = table_key(m, qw)
+    return _choose(_gpu_slug(device), tuple(key.items()), qw.scheme.sparsity is not None, _num_sms(device))
+
+
+@lru_cache(maxsize=65536)  # called on every matmul: a Python scan of the table took ~60 us
+def _choose(slug: str, key: tuple, sparse: bool, sms: int) -> KernelConfig:
+    want = dict(key)
+    m, n, k, bits = want.pop("m"), want["n"], want["k"], want["bits"]
+    if sparse:  # no tuned entries for 2:4 weights yet (their k-tiles are 256 deep)
+        return heuristic_config(m, n, k // 2, bits, sms)
+    entries = [(e, cfg) for e, cfg in tuned_table(slug) if all(e.get(name) == value for name, value in want.items())]
     above = [e for e in entries if e[0]["m"] >= m]
     if above:  # the tuned entry of the smallest batch bucket >= m
         cfg = min(above, key=lambda e: e[0]["m"])[1]
@@ -240,7 +245,7 @@ def choose_config(m: int, qw: QuantizedWeight, device: torch.device) -> KernelCo
         if cfg.path == "fused" and cfg.swap_ab and cfg.block_m <= 64 and cfg.block_m != fit:
             cfg = KernelConfig(**{**asdict(cfg), "block_m": fit})
         return cfg
-    return heuristic_config(m, n, k, qw.scheme.bits, _num_sms(device))
+    return heuristic_config(m, n, k, bits, sms)
 
 
 def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, force_triton: bool = False,

@@ -145,6 +145,7 @@ def _write_table(out: Path, device, dtype: str, entries: dict) -> None:
                               indent=1))
     tmp.replace(out)
     dispatch.tuned_table.cache_clear()
+    dispatch._choose.cache_clear()
 
 
 if __name__ == "__main__":
