@@ -15,9 +15,8 @@ _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def packed_layout(scheme: Scheme, n: int, k: int) -> list[tuple[tuple[int, int], torch.dtype]]:
     """(shape, dtype) of each packed segment tensor of an ``[n, k]`` weight under ``scheme``."""
-    bits = scheme.code_bits
-    shape = _pack.segment_shape(n, scheme.stored_columns(k), bits)
-    return [(shape, _pack.segment_dtype(bits, s)) for s in _pack.SEGMENTS[bits]]
+    bits, stored = scheme.code_bits, scheme.stored_columns(k)
+    return [(_pack.segment_shape(n, stored, bits, s), _pack.segment_dtype(bits, s)) for s in _pack.SEGMENTS[bits]]
 
 
 class QuantizedWeight:

@@ -100,10 +100,17 @@ def _registers(words: torch.Tensor) -> list[int]:
     return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
 
 
-def _tile_words(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
-    """Each segment's words of one row and tile ``[D]`` for ``codes [1, 128]``."""
+def _tile_words(codes: torch.Tensor, bits: int, sparse: bool = False) -> list[torch.Tensor]:
+    """Each segment's words of one row and tile ``[D]`` for ``codes [1, 128]`` (a 1-bit segment's 4-bit
+    words split from their bytes, as the kernels do)."""
     depth = pack.plane_depth(bits)
-    return [seg[0, :depth] for seg in pack.pack_codes(codes, bits)]  # row 0, tile 0
+    out = []
+    for s, seg in zip(pack.SEGMENTS[bits], pack.pack_codes(codes, bits, sparse=sparse)):
+        words = seg[0, :pack.segment_words(bits, s)]  # row 0, tile 0
+        if words.numel() != depth:
+            words = torch.stack([words & 15, words >> 4], dim=-1).reshape(depth)
+        out.append(words)
+    return out
 
 
 def decode_tile(codes: torch.Tensor, bits: int, asm: str, n_out: int, planes: int, fp16: bool) -> torch.Tensor:
@@ -192,7 +199,7 @@ def test_sparse_planes_expand_every_pattern_and_code(name, fp16):
         else:
             kept = values[0].to(torch.float64) - zero
         want = torch.zeros(256, dtype=torch.float64).scatter_(0, sparsity.dense_columns(positions)[0], kept)
-        segs = [seg[0, :depth] for seg in pack.pack_codes(codes, bits, sparse=True)]
+        segs = _tile_words(codes, bits, sparse=True)
         segs = segs + [segs[0]] * (3 - len(segs))
         for apart in (2, 8):  # the two pairs of a call: adjacent, or as Triton's matrix-operand layout holds them
             got = torch.empty(256, dtype=torch.float64)

@@ -2,8 +2,9 @@
 
 Expected words are derived here by hand from the layout's description, not from pack_codes:
 K is cut into tiles of 128; a B-bit code is split into segments of 8/4/2/1 bits (most
-significant first); every segment stores D = 16 * (narrowest segment) words per row and tile,
-word i holding the segment bits of k = 128 t + D j + i at bits s*j .. s*j+s-1.
+significant first); every segment stores D = 32 words per row and tile (128 for plain bytes),
+word i holding the segment bits of k = 128 t + D j + i at bits s*j .. s*j+s-1; a 1-bit segment's
+4-bit words are stored two to a byte (word 2c in the low nibble of byte c).
 """
 
 import math
@@ -19,15 +20,16 @@ KS = [1, 100, 127, 128, 129, 576, 1000]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Per bit width, by hand: (segment width, word dtype, words per row and tile) of each segment.
+# Per bit width, by hand: (segment width, stored word dtype, stored words per row and tile) of each
+# segment (a 1-bit segment: 16 bytes of two 4-bit words).
 LAYOUT_BY_HAND = {
     10: [(4, torch.int16, 32), (4, torch.int16, 32), (2, torch.uint8, 32)],
     8: [(8, torch.uint8, 128)],
-    7: [(4, torch.int32, 16), (2, torch.int16, 16), (1, torch.uint8, 16)],
+    7: [(4, torch.int16, 32), (2, torch.uint8, 32), (1, torch.uint8, 16)],
     6: [(4, torch.int16, 32), (2, torch.uint8, 32)],
-    5: [(4, torch.int32, 16), (1, torch.uint8, 16)],
+    5: [(4, torch.int16, 32), (1, torch.uint8, 16)],
     4: [(4, torch.int16, 32)],
-    3: [(2, torch.int16, 16), (1, torch.uint8, 16)],
+    3: [(2, torch.uint8, 32), (1, torch.uint8, 16)],
     2: [(2, torch.uint8, 32)],
 }
 
@@ -61,11 +63,12 @@ def test_segments_by_hand(bits):
     assert sum(pack.SEGMENTS[bits]) == bits
     for s, dt, words in want:
         assert pack.segment_dtype(bits, s) == dt
-        assert pack.plane_depth(bits) == words
+        assert pack.segment_words(bits, s) == words
+        assert pack.plane_depth(bits) == (128 if bits == 8 else 32)
         # no waste: a row's tile of a segment is exactly 128 * s bits
         assert words * torch.iinfo(dt).bits == 128 * s
-    for n, k in [(1, 1), (3, 128), (5, 129), (2, 1000), (16, 128), (17, 128)]:
-        assert pack.segment_shape(n, k, bits) == (math.ceil(n / 16), math.ceil(k / 128) * 16 * want[0][2])
+        for n, k in [(1, 1), (3, 128), (5, 129), (2, 1000), (16, 128), (17, 128)]:
+            assert pack.segment_shape(n, k, bits, s) == (math.ceil(n / 16), math.ceil(k / 128) * 16 * words)
 
 
 @pytest.mark.parametrize("k", KS, ids=lambda k: f"K{k}")
@@ -79,7 +82,7 @@ def test_round_trip(bits, k):
     tiles = math.ceil(k / 128)
     for t, (s, dt, words) in zip(packed, want):
         blocks = math.ceil(n / 16)
-        assert t.dtype == dt and tuple(t.shape) == (blocks, tiles * 16 * words) == pack.segment_shape(n, k, bits)
+        assert t.dtype == dt and tuple(t.shape) == (blocks, tiles * 16 * words) == pack.segment_shape(n, k, bits, s)
         assert t.is_contiguous()
         assert not row_words(t, 16 * blocks, words)[n:].any()  # rows past n are padding, code 0
     total_bytes = sum(t.numel() * t.element_size() for t in packed)
@@ -137,19 +140,25 @@ def test_layout_every_word_by_hand(bits):
     packed = pack.pack_codes(codes, bits)
     c = codes.tolist()
     shift = bits
-    for (s, dt, depth), t in zip(LAYOUT_BY_HAND[bits], packed):
+    depth = 128 if bits == 8 else 32
+    planes = 128 // depth
+    for (s, dt, words), t in zip(LAYOUT_BY_HAND[bits], packed):
         shift -= s  # this segment holds code bits shift .. shift+s-1
-        planes = 128 // depth
         width = torch.iinfo(dt).bits
+
+        def word(row, tile, i):  # segment bits of k = 128 tile + depth j + i at bits s*j
+            want = 0
+            for j in range(planes):
+                kk = 128 * tile + depth * j + i
+                code = c[row][kk] if kk < k else 0
+                want |= ((code >> shift) & ((1 << s) - 1)) << (s * j)
+            return want
+
         for row in range(n):
             for tile in range(2):
-                for i in range(depth):
-                    want = 0
-                    for j in range(planes):
-                        kk = 128 * tile + depth * j + i
-                        code = c[row][kk] if kk < k else 0
-                        want |= ((code >> shift) & ((1 << s) - 1)) << (s * j)
-                    got = unsigned(word_at(t, row, tile, i, depth), width)
+                for i in range(words):
+                    want = word(row, tile, i) if words == depth else word(row, tile, 2 * i) | word(row, tile, 2 * i + 1) << 4
+                    got = unsigned(word_at(t, row, tile, i, words), width)
                     assert got == want, (bits, s, row, tile, i)
     assert shift == 0
 
@@ -191,7 +200,7 @@ def _wrong_packed():
     return {
         "int7-missing-segment": (p7[:2], 7, k, "3 packed segments"),
         "int7-extra-segment": (p7 + p7[:1], 7, k, "3 packed segments"),
-        "int7-seg0-dtype": ((p7[0].to(torch.int16), p7[1], p7[2]), 7, k, "4-bit segment"),
+        "int7-seg0-dtype": ((p7[0].to(torch.int32), p7[1], p7[2]), 7, k, "4-bit segment"),
         "int7-seg1-shape": ((p7[0], p7[1][:, :-1], p7[2]), 7, k, "2-bit segment"),
         "int7-seg2-rows": ((p7[0], p7[1], p7[2][:-1]), 7, k, "1-bit segment"),
         "int7-k-too-big": (p7, 7, 400, "expected"),

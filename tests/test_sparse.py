@@ -242,8 +242,9 @@ def test_bits_per_weight_and_nbytes(scheme, shape, want):
     assert qw.bits_per_weight == pytest.approx(want, rel=1e-12)
     s = Scheme.parse(scheme)
     bits = s.bits + 2
-    shape = lpack.segment_shape(n, 2 * math.ceil(k / 4), bits)  # the layout's padding of the stored columns
-    code_bytes = sum(math.prod(shape) * lpack.segment_dtype(bits, seg).itemsize for seg in lpack.SEGMENTS[bits])
+    stored = 2 * math.ceil(k / 4)  # (segment_shape adds the layout's padding of the stored columns)
+    code_bytes = sum(math.prod(lpack.segment_shape(n, stored, bits, seg)) * lpack.segment_dtype(bits, seg).itemsize
+                     for seg in lpack.SEGMENTS[bits])
     scale_bytes = qw.scales.numel() * qw.scales.element_size() + (0 if qw.zeros is None else qw.zeros.numel())
     assert qw.nbytes == code_bytes + scale_bytes
 
@@ -358,7 +359,7 @@ def test_validate_rejects_wrong_tensors_for_sparse_schemes():
     dense = lowbit.quantize(rand_weight((6, 200)), "int4-g32")
     # the segments of 6-bit codes of 100 stored columns
     assert [(tuple(p.shape), p.dtype) for p in qw.packed] == \
-        [(lpack.segment_shape(6, 100, 6), lpack.segment_dtype(6, s)) for s in (4, 2)]
+        [(lpack.segment_shape(6, 100, 6, s), lpack.segment_dtype(6, s)) for s in (4, 2)]
     with pytest.raises(ValueError, match="act-order"):
         _rebuild(qw, perm=torch.arange(200))
     with pytest.raises(ValueError, match="2 segment"):
@@ -425,7 +426,7 @@ def test_quant_linear_and_quantize_model():
     # buffers: 10-bit codes of 66 stored columns, scales of the 5 dense groups
     segments = lpack.SEGMENTS[10]
     assert [(tuple(b.shape), b.dtype) for b in (getattr(first, f"packed_{i}") for i in range(len(segments)))] == \
-        [(lpack.segment_shape(64, 66, 10), lpack.segment_dtype(10, s)) for s in segments]
+        [(lpack.segment_shape(64, 66, 10, s), lpack.segment_dtype(10, s)) for s in segments]
     assert tuple(first.scales.shape) == (5, 64)
     assert set(first.state_dict()) == {f"packed_{i}" for i in range(len(segments))} | {"scales", "bias"}
     x = torch.randn(4, 130, dtype=torch.float16)

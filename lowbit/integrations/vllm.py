@@ -46,9 +46,10 @@ SHARD_DIMS = {"packed": (0, 1), "scales": (1, 0), "zeros": (1, 0), "perm": (None
 
 # -- sharding without vLLM -----------------------------------------------------------------------
 
-def _words(k: int, bits: int) -> int:
-    """Words of a row block (in every segment) holding ``k`` input columns (``k`` rounded up to whole tiles)."""
-    return _pack.segment_shape(1, k, bits)[1]
+def _words(k: int, bits: int, seg_bits: int) -> int:
+    """Words of a row block of the ``seg_bits``-wide segment holding ``k`` input columns (``k`` rounded
+    up to whole tiles)."""
+    return _pack.segment_shape(1, k, bits, seg_bits)[1]
 
 
 def input_slice_is_plain(in_features: int, start: int, size: int) -> bool:
@@ -62,7 +63,8 @@ def slice_input_codes(packed, bits: int, in_features: int, start: int, size: int
     slice of words on tile boundaries, else unpack, slice and pack again (a tile mixes the columns
     of two shards)."""
     if input_slice_is_plain(in_features, start, size):
-        return tuple(p[:, _words(start, bits): _words(start, bits) + _words(size, bits)] for p in packed)
+        return tuple(p[:, _words(start, bits, s): _words(start, bits, s) + _words(size, bits, s)]
+                     for p, s in zip(packed, _pack.SEGMENTS[bits]))
     codes = _pack.unpack_codes(tuple(packed), bits, in_features, rows=rows)[:, start:start + size]
     return _pack.pack_codes(codes.contiguous(), bits)
 
@@ -231,7 +233,7 @@ def _vllm_classes():
             layer.lowbit_out_features, layer.lowbit_in_features = n, k
             bits = self.scheme.bits
             for name, s in zip(self.packed_names, _pack.SEGMENTS[bits]):
-                data = torch.empty(_pack.segment_shape(n, input_size if repack else k, bits),
+                data = torch.empty(_pack.segment_shape(n, input_size if repack else k, bits, s),
                                    dtype=_pack.segment_dtype(bits, s))
                 out_dim, in_dim = SHARD_DIMS["packed"]
                 # packed_factor: vLLM's row offsets of fused parts become offsets in row blocks.

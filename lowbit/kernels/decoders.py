@@ -70,7 +70,7 @@ def planes_asm(bits: int, is_float: bool, man_bits: int, fp16: bool, symmetric_z
     segments = _pack.SEGMENTS[bits]
     depth = _pack.plane_depth(bits)
     planes = _pack.TILE_K // depth
-    word_bits = [s * _pack.TILE_K // depth for s in segments]
+    word_bits = [max(8, s * _pack.TILE_K // depth) for s in segments]  # (a 1-bit segment's 4-bit words: a byte each)
     value_bits = bits - code_shift
     targets = _targets(value_bits, is_float, man_bits, fp16)
     n_out = (4 if sparse else 2) * planes

@@ -2,7 +2,7 @@
 
 Both read the ``tiled-planes-v4`` layout (see :mod:`lowbit.pack`): a weight tile of ``BLOCK_N``
 rows x 128 stored columns is one ``[BLOCK_N, D]`` word tile per bit segment (contiguous per
-16-row block); plane ``j`` (D consecutive k) is decoded to fp16/bf16 by the inline-PTX decoders
+16-row block; :func:`_load_words`); plane ``j`` (D consecutive k) is decoded to fp16/bf16 by the inline-PTX decoders
 of :mod:`.decoders` on a GPU (plain Triton in the interpreter: :func:`_extract_codes`,
 :func:`_decode`), with bit tricks and no int-to-float conversion, and fed to ``tl.dot``. Scales
 multiply the fp32 partial product of a group's planes (or each weight, for groups shallower
@@ -28,6 +28,21 @@ def _word_offsets(rn, t, rp, stride, PD: tl.constexpr, ROW_BLOCK: tl.constexpr):
     """Offsets of the ``[rows, PD]`` word tile of k-tile ``t``: row blocks of ``ROW_BLOCK`` rows,
     each block storing its tiles one after the other (a block's tile is one contiguous chunk)."""
     return (rn[:, None] // ROW_BLOCK) * stride + (rn[:, None] % ROW_BLOCK) * PD + t * (ROW_BLOCK * PD) + rp[None, :]
+
+
+@triton.jit
+def _load_words(ptr, rn, t, stride, n_mask, SEG: tl.constexpr, PD: tl.constexpr, ROW_BLOCK: tl.constexpr,
+                BLOCK_N: tl.constexpr, STREAM: tl.constexpr):
+    """The ``[BLOCK_N, PD]`` word tile of k-tile ``t`` of a ``SEG``-bit segment; a 1-bit segment's 4-bit
+    words are stored two to a byte and split here (in registers: their join keeps each thread's bytes)."""
+    policy: tl.constexpr = "evict_first" if STREAM else ""
+    if SEG * 128 // PD == 4:
+        rh = tl.arange(0, PD // 2)
+        b = tl.load(ptr + _word_offsets(rn, t, rh, stride, PD // 2, ROW_BLOCK), mask=n_mask[:, None], other=0,
+                    eviction_policy=policy)
+        return tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, PD))
+    return tl.load(ptr + _word_offsets(rn, t, tl.arange(0, PD), stride, PD, ROW_BLOCK), mask=n_mask[:, None], other=0,
+                   eviction_policy=policy)
 
 
 @triton.jit
@@ -236,16 +251,13 @@ def lowbit_matmul_kernel(
             s_groups, z_groups = s_next, z_next
             s_next, z_next = _tile_group_scales(scales_ptr, zeros_ptr, t + 1, n_groups, rn, n_mask, N, KT,
                                                 GROUPS_PER_TILE, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR, GROUP_SIZE)
-        w0 = tl.load(seg0_ptr + _word_offsets(rn, t, rp, stride_w0, PD, ROW_BLOCK), mask=n_mask[:, None], other=0,
-                     eviction_policy="evict_first")
+        w0 = _load_words(seg0_ptr, rn, t, stride_w0, n_mask, SEG0, PD, ROW_BLOCK, BLOCK_N, True)
         w1 = w0
         w2 = w0
         if SEG1 > 0:
-            w1 = tl.load(seg1_ptr + _word_offsets(rn, t, rp, stride_w1, PD, ROW_BLOCK), mask=n_mask[:, None], other=0,
-                         eviction_policy="evict_first")
+            w1 = _load_words(seg1_ptr, rn, t, stride_w1, n_mask, SEG1, PD, ROW_BLOCK, BLOCK_N, True)
         if SEG2 > 0:
-            w2 = tl.load(seg2_ptr + _word_offsets(rn, t, rp, stride_w2, PD, ROW_BLOCK), mask=n_mask[:, None], other=0,
-                         eviction_policy="evict_first")
+            w2 = _load_words(seg2_ptr, rn, t, stride_w2, n_mask, SEG2, PD, ROW_BLOCK, BLOCK_N, True)
         if not GROUP_SCALE:
             part = acc
         if ASM4 != "":  # (a dtype tuple holds plain dtypes: COMPUTE.value, not the constexpr)
@@ -376,13 +388,13 @@ def lowbit_dequant_kernel(
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rp = tl.arange(0, PD)
     n_mask = rn < N
-    w0 = tl.load(seg0_ptr + _word_offsets(rn, t, rp, stride_w0, PD, ROW_BLOCK), mask=n_mask[:, None], other=0)
+    w0 = _load_words(seg0_ptr, rn, t, stride_w0, n_mask, SEG0, PD, ROW_BLOCK, BLOCK_N, False)
     w1 = w0
     w2 = w0
     if SEG1 > 0:
-        w1 = tl.load(seg1_ptr + _word_offsets(rn, t, rp, stride_w1, PD, ROW_BLOCK), mask=n_mask[:, None], other=0)
+        w1 = _load_words(seg1_ptr, rn, t, stride_w1, n_mask, SEG1, PD, ROW_BLOCK, BLOCK_N, False)
     if SEG2 > 0:
-        w2 = tl.load(seg2_ptr + _word_offsets(rn, t, rp, stride_w2, PD, ROW_BLOCK), mask=n_mask[:, None], other=0)
+        w2 = _load_words(seg2_ptr, rn, t, stride_w2, n_mask, SEG2, PD, ROW_BLOCK, BLOCK_N, False)
     for j in tl.static_range(NP):
         k0 = t * KT + j * DPD
         code = _extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2)

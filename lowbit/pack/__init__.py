@@ -8,11 +8,13 @@ code straddles a word (the TC-FPx idea), and 3/5/6/7-bit codes take exactly B bi
 
 K is cut into tiles of ``TILE_K = 128`` input weights (the last tile padded with code 0), and
 each tile into ``128 / D`` *planes* of ``D`` consecutive k (:func:`plane_depth`): 1 plane of 128
-for 8 bits, 4 of 32 for 2, 4 and 6 bits, 8 of 16 where a 1-bit segment exists. For each row and
-tile a segment of ``s`` bits stores ``D`` words of ``s * 128 / D`` bits (uint8, int16 or int32);
-word ``i`` holds the codes of ``k = 128*t + i + D*j`` at bits ``s*j .. s*j+s-1``. So one shift and
-mask of the word tile ``[rows, D]`` gives plane ``j``, directly a ``D``-deep operand of the
-matrix instruction, with no reshape in the kernel.
+for 8 bits, 4 of 32 for every other width. For each row and tile a segment of ``s`` bits stores
+``D`` words of ``s * 128 / D`` bits (uint8 or int16; the 4-bit words of a 1-bit segment two to a
+byte, word ``2c`` in the low nibble of byte ``c``); word ``i`` holds the codes of
+``k = 128*t + i + D*j`` at bits ``s*j .. s*j+s-1``. So one shift and mask of the word tile
+``[rows, D]`` gives plane ``j``, directly a ``D``-deep operand of the matrix instruction, with no
+reshape in the kernel (v4: 32-deep planes for every width; v3's 16-deep planes of formats with a
+1-bit segment went through shared memory on their way to the matrix unit).
 
 Rows are stored in blocks of ``ROW_BLOCK = 16``: each segment is a tensor
 ``[ceil(N / 16), K_padded / 128 * 16 * D]`` whose row ``b`` holds rows ``16b .. 16b+15`` tile after
@@ -34,7 +36,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["TILE_K", "ROW_BLOCK", "LAYOUT", "SEGMENTS", "padded_k", "plane_depth", "code_dtype", "pack_codes",
-           "unpack_codes", "segment_dtype", "segment_shape", "row_blocks"]
+           "unpack_codes", "segment_dtype", "segment_shape", "segment_words", "row_blocks"]
 
 LAYOUT = "tiled-planes-v4"
 TILE_K = 128
@@ -43,7 +45,7 @@ ROW_BLOCK = 16
 # 10 bits: an 8-bit value and a 2-bit position (2:4 sparse schemes of 8-bit formats), as 4+4+2 so
 # that every word fits 16 bits (32-bit words do not fit the fp16 matrix operand's register layout).
 SEGMENTS = {10: (4, 4, 2), 8: (8,), 7: (4, 2, 1), 6: (4, 2), 5: (4, 1), 4: (4,), 3: (2, 1), 2: (2,)}
-_WORD_DTYPES = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
+_WORD_DTYPES = {8: torch.uint8, 16: torch.int16}
 
 
 def padded_k(k: int) -> int:
@@ -51,17 +53,20 @@ def padded_k(k: int) -> int:
 
 
 def plane_depth(bits: int) -> int:
-    """k per plane (and words per row and tile) of ``bits``-bit codes: 128 for plain bytes, else
-    ``16 * (narrowest segment)`` with 4-bit segments in 16-bit words (4 planes of 32, so the
-    kernels' fast decoders work on 32-bit registers of two words)."""
-    if SEGMENTS[bits] == (8,):
-        return TILE_K
-    return 16 * min(2, *SEGMENTS[bits])
+    """k per plane of ``bits``-bit codes: 128 for plain bytes, else 32 (4 planes per tile; 4-bit
+    segments in 16-bit words, so the kernels' fast decoders work on 32-bit registers of two words)."""
+    return TILE_K if SEGMENTS[bits] == (8,) else 32
+
+
+def segment_words(bits: int, seg_bits: int) -> int:
+    """Stored words per row and tile of the ``seg_bits``-wide segment (a 1-bit segment's 4-bit words
+    are stored two to a byte)."""
+    return plane_depth(bits) // 2 if seg_bits * TILE_K // plane_depth(bits) == 4 else plane_depth(bits)
 
 
 def segment_dtype(bits: int, seg_bits: int) -> torch.dtype:
-    """Word dtype of the ``seg_bits``-wide segment of ``bits``-bit codes."""
-    return _WORD_DTYPES[seg_bits * TILE_K // plane_depth(bits)]
+    """Stored word dtype of the ``seg_bits``-wide segment of ``bits``-bit codes."""
+    return _WORD_DTYPES[max(8, seg_bits * TILE_K // plane_depth(bits))]
 
 
 def row_blocks(n: int) -> int:
@@ -69,9 +74,9 @@ def row_blocks(n: int) -> int:
     return -(-n // ROW_BLOCK)
 
 
-def segment_shape(n: int, k: int, bits: int) -> tuple[int, int]:
-    """Shape of each packed segment tensor of ``bits``-bit codes for a ``[n, k]`` weight."""
-    return (row_blocks(n), padded_k(k) // TILE_K * ROW_BLOCK * plane_depth(bits))
+def segment_shape(n: int, k: int, bits: int, seg_bits: int) -> tuple[int, int]:
+    """Shape of the packed ``seg_bits``-wide segment tensor of ``bits``-bit codes for a ``[n, k]`` weight."""
+    return (row_blocks(n), padded_k(k) // TILE_K * ROW_BLOCK * segment_words(bits, seg_bits))
 
 
 def _to_row_blocks(words: torch.Tensor, n: int, depth: int) -> torch.Tensor:
@@ -152,7 +157,12 @@ def pack_codes(codes: torch.Tensor, bits: int, *, sparse: bool = False) -> tuple
         if dtype != torch.uint8:  # two's complement for the signed word types
             width = s * planes
             words = torch.where(words >= (1 << (width - 1)), words - (1 << width), words)
-        out.append(_to_row_blocks(words.reshape(n, kp // TILE_K * depth).to(dtype), n, depth).contiguous())
+        stored = segment_words(bits, s)
+        words = words.reshape(n, kp // TILE_K * depth)
+        if stored != depth:  # 4-bit words, two to a byte
+            pairs = words.view(n, -1, 2)
+            words = pairs[..., 0] | (pairs[..., 1] << 4)
+        out.append(_to_row_blocks(words.to(dtype), n, stored).contiguous())
     return tuple(out)
 
 
@@ -165,14 +175,17 @@ def unpack_codes(packed: tuple[torch.Tensor, ...], bits: int, k: int, *, rows: i
     kp = padded_k(k)
     depth = plane_depth(bits)
     planes = TILE_K // depth
-    expected = segment_shape(rows, k, bits)
     code = torch.zeros(rows, kp, dtype=code_dtype(bits), device=packed[0].device)
     for (s, shift), words in zip(_segment_shifts(bits), packed):
+        expected = segment_shape(rows, k, bits, s)
         if tuple(words.shape) != expected or words.dtype != segment_dtype(bits, s):
             raise ValueError(f"packed {s}-bit segment: expected {segment_dtype(bits, s)} {expected}, "
                              f"got {words.dtype} {tuple(words.shape)}")
         # int32: fewer bytes than int64 on the CPU path
-        w = _from_row_blocks(words, rows, depth).to(torch.int32).view(rows, kp // TILE_K, 1, depth)
+        w = _from_row_blocks(words, rows, segment_words(bits, s)).to(torch.int32)
+        if segment_words(bits, s) != depth:  # two 4-bit words per byte
+            w = torch.stack([w & 15, w >> 4], dim=-1)
+        w = w.reshape(rows, kp // TILE_K, 1, depth)
         shifts = (torch.arange(planes, device=w.device, dtype=torch.int32) * s).view(1, 1, -1, 1)
         seg = ((w >> shifts) & ((1 << s) - 1)).to(code.dtype).reshape(rows, kp)
         code |= seg << shift if shift else seg
