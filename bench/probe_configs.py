@@ -57,8 +57,8 @@ def main():
               f"(x{base / dequant:.2f})")
         for us, cfg in results[:6]:
             print(f"  {us:7.1f} us  x{base / us:.2f}  {qw.nbytes / us / 1e3:5.0f} GB/s  bn={cfg.block_n} "
-                  f"bm={cfg.block_m} swap={int(cfg.swap_ab)} warps={cfg.num_warps} stages={cfg.num_stages} split={cfg.split_k}",
-                  flush=True)
+                  f"bm={cfg.block_m} swap={int(cfg.swap_ab)} warps={cfg.num_warps} stages={cfg.num_stages} "
+                  f"split={cfg.split_k}", flush=True)
 
 
 if __name__ == "__main__":

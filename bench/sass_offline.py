@@ -23,12 +23,13 @@ from lowbit.kernels.triton_matmul import lowbit_matmul_kernel
 scheme, block_n, block_m, swap, warps, stages = sys.argv[1], *map(int, sys.argv[2:7])
 qw = random_qweight(scheme, 256, 1024, torch.float16, "cpu")
 consts = {**_scheme_constants(qw, torch.float16), **_fast_path_constants(qw, torch.float16, torch.device("cuda")),
-          "HAS_BIAS": False, "EVEN_K": True, "SPARSE": qw.scheme.sparsity is not None, "BLOCK_N": block_n, "BLOCK_M": block_m, "SWAP_AB": bool(swap)}
+          "HAS_BIAS": False, "EVEN_K": True, "SPARSE": qw.scheme.sparsity is not None, "BLOCK_N": block_n,
+          "BLOCK_M": block_m, "SWAP_AB": bool(swap)}
 names = lowbit_matmul_kernel.arg_names
 TYPES = {torch.uint8: "*u8", torch.int16: "*i16", torch.int32: "*i32", torch.float16: "*fp16", torch.float32: "*fp32"}
 segs = list(qw.packed) + [qw.packed[0]] * (3 - len(qw.packed))  # as dispatch passes them
 pointer_types = {"x_ptr": "*fp16", "scales_ptr": TYPES[qw.scales.dtype], "bias_ptr": "*fp16", "out_ptr": "*fp16",
-                 "partial_ptr": "*fp32", "counter_ptr": "*i32", "zeros_ptr": "*u8" if qw.zeros is not None else
+                 "xsums_ptr": "*fp32", "partial_ptr": "*fp32", "counter_ptr": "*i32", "zeros_ptr": "*u8" if qw.zeros is not None else
                  TYPES[qw.scales.dtype], **{f"seg{i}_ptr": TYPES[t.dtype] for i, t in enumerate(segs)}}
 signature = {a: "constexpr" if a in consts else pointer_types.get(a, "i32") for a in names}
 divisible = [a for a in names if a not in consts and a not in ("split_k", "k_tiles_per_split", "n_groups")]

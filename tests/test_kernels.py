@@ -14,8 +14,9 @@ from lowbit.kernels.dispatch import KernelConfig
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
-INTERP_SCHEMES = ["int4-g128", "int4-g32-asym", "int8-channel", "int2-g64", "int3-g16-asym", "int5-channel",
-                  "fp8_e4m3-channel", "fp6_e3m2-channel", "fp6_e2m3-g64", "fp5_e2m2-channel", "fp5_e3m1-g32",
+INTERP_SCHEMES = ["int4-g128", "int4-g32-asym", "int4-g64-asym", "int4-g128-asym", "int8-channel-asym", "int8-channel",
+                  "int2-g64", "int3-g16-asym", "int5-channel", "fp8_e4m3-channel", "fp6_e3m2-channel", "fp6_e2m3-g64",
+                  "fp5_e2m2-channel", "fp5_e3m1-g32",
                   "fp4_e2m1-g32", "fp4_e2m1-g32-mx", "fp3_e1m1-channel", "fp3_e2m0-g128", "int7-g128",
                   "fp7_e3m3-channel", "int4-g128-2:4", "int8-channel-2:4", "fp6_e3m2-channel-2:4", "int4-g16-asym-2:4",
                   "int4-g128-asym-2:4", "fp4_e2m1-g32-mx-2:4", "int3-g64-2:4"]
@@ -105,6 +106,20 @@ def test_heuristic_covers_batches():
         cfg = dispatch.heuristic_config(m, 8192, 8192, 4, 132)
         if cfg.path == "fused" and cfg.swap_ab:
             assert cfg.block_m >= min(m, 16)
+
+
+def test_x_sums_blocks():
+    x = torch.randn(3, 300, dtype=torch.float16)
+    padded = torch.nn.functional.pad(x.float(), (0, 84))  # K padded to whole 128-wide tiles
+    g64 = dispatch.x_sums(x, lowbit.quantize(torch.randn(8, 300), "int4-g64-asym"), 128)
+    assert g64.shape == (6, 3) and torch.allclose(g64, padded.view(3, 6, 64).sum(-1).T)
+    g256 = dispatch.x_sums(x, lowbit.quantize(torch.randn(8, 300), "int4-g256-asym"), 128)  # at most a tile
+    assert g256.shape == (3, 3) and torch.allclose(g256, padded.view(3, 3, 128).sum(-1).T)
+    per_split = dispatch.x_sums(x, lowbit.quantize(torch.randn(8, 300), "int8-channel-asym"), 256)
+    assert per_split.shape == (2, 3) and torch.allclose(per_split, torch.stack([padded[:, :256].sum(-1),
+                                                                               padded[:, 256:].sum(-1)]))
+    for scheme in ("int4-g128", "int4-g16-asym", "int4-g128-asym-2:4"):  # zero points meet the codes
+        assert dispatch.x_sums(x, lowbit.quantize(torch.randn(8, 300), scheme), 128) is None
 
 
 def test_tuned_entry_token_tile_fits_the_batch(monkeypatch):

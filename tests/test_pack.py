@@ -157,7 +157,10 @@ def test_layout_every_word_by_hand(bits):
         for row in range(n):
             for tile in range(2):
                 for i in range(words):
-                    want = word(row, tile, i) if words == depth else word(row, tile, 2 * i) | word(row, tile, 2 * i + 1) << 4
+                    if words == depth:
+                        want = word(row, tile, i)
+                    else:  # two 4-bit words per byte
+                        want = word(row, tile, 2 * i) | word(row, tile, 2 * i + 1) << 4
                     got = unsigned(word_at(t, row, tile, i, words), width)
                     assert got == want, (bits, s, row, tile, i)
     assert shift == 0

@@ -27,7 +27,8 @@ from ..qweight import QuantizedWeight
 from .decoders import e4m3_fp16_asm, int4_words_asm, int8_fp16_asm, planes_asm, sparse_asm_supported
 from .triton_matmul import lowbit_dequant_kernel, lowbit_matmul_kernel
 
-__all__ = ["KernelConfig", "PREFILL_FUSED", "matmul", "fused_matmul", "dequantize", "choose_config", "heuristic_config"]
+__all__ = ["KernelConfig", "PREFILL_FUSED", "matmul", "fused_matmul", "dequantize", "x_sums", "choose_config",
+           "heuristic_config"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # float32: only the dequantization kernel (float32 activations multiply a dequantized weight).
@@ -140,14 +141,35 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
     grid_mn = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     counters = _counters(x.device, grid_mn) if split > 1 else out
+    sums = x_sums(x, qw, per_split * dense_tile)
     segs, strides = _segment_args(qw)
     lowbit_matmul_kernel[(grid_mn, split)](
         x, *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, bias if bias is not None else out,
-        out, partial, counters, m, n, k, x.stride(0), out.stride(0), *strides, per_split, qw.num_groups, split,
-        HAS_BIAS=bias is not None, EVEN_K=k % dense_tile == 0, SPARSE=qw.scheme.sparsity is not None, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
+        out, partial, counters, out if sums is None else sums, m, n, k, x.stride(0), out.stride(0), *strides,
+        0 if sums is None else sums.stride(0), per_split, qw.num_groups, split,
+        HAS_BIAS=bias is not None, EVEN_K=k % dense_tile == 0, SPARSE=qw.scheme.sparsity is not None,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **{**_scheme_constants(qw, x.dtype), **_fast_path_constants(qw, x.dtype, x.device)})
     return out
+
+
+def x_sums(x: torch.Tensor, qw: QuantizedWeight, k_per_split: int) -> torch.Tensor | None:
+    """float32 sums of ``x [M, K]`` over the blocks of k whose zero-point correction the fused kernel
+    applies at once: each group of at least a plane (at most a tile), or for per-channel scales the
+    ``k_per_split`` columns of each split-K program. ``[blocks, M]`` (the kernel loads rows along the
+    tokens); None where the kernel subtracts zero points from the codes instead (symmetric, 2:4,
+    groups shallower than a plane)."""
+    scheme = qw.scheme
+    if scheme.symmetric or scheme.sparsity or (not scheme.per_channel and
+                                               scheme.group_size < _pack.plane_depth(scheme.code_bits)):
+        return None
+    block = k_per_split if scheme.per_channel else min(scheme.group_size, _pack.TILE_K)
+    m, k = x.shape
+    padded = -(-k // block) * block if scheme.per_channel else _pack.padded_k(k)
+    if padded != k:
+        x = torch.nn.functional.pad(x, (0, padded - k))
+    return x.view(m, padded // block, block).sum(-1, dtype=torch.float32).T.contiguous()
 
 
 def dense_tile_k(qw: QuantizedWeight) -> int:

@@ -138,12 +138,11 @@ def _expand_2of4(v, case, BLOCK_N: tl.constexpr, PD: tl.constexpr):
 
 
 @triton.jit
-def _plane_product(w, rk, s, part, xsum, ones, x_ptr, rm, m_mask, stride_xm, K, ELEMENT_SCALE: tl.constexpr,
-                   SCALE_IN_COMPUTE: tl.constexpr, ZERO_BY_SUMS: tl.constexpr, EVEN_K: tl.constexpr,
-                   SWAP_AB: tl.constexpr, COMPUTE: tl.constexpr):
+def _plane_product(w, rk, s, part, x_ptr, rm, m_mask, stride_xm, K, ELEMENT_SCALE: tl.constexpr,
+                   SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr,
+                   COMPUTE: tl.constexpr):
     """``part`` plus the product of the weight plane ``w [BLOCK_N, D]`` (input columns ``rk``) and x
-    (``w`` times the scales ``s [BLOCK_N, D]`` first, for groups shallower than a plane), and ``xsum``
-    plus the sums of x."""
+    (``w`` times the scales ``s [BLOCK_N, D]`` first, for groups shallower than a plane)."""
     if ELEMENT_SCALE:
         if SCALE_IN_COMPUTE:
             w = w * s.to(COMPUTE)
@@ -156,8 +155,6 @@ def _plane_product(w, rk, s, part, xsum, ones, x_ptr, rm, m_mask, stride_xm, K, 
             xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None], mask=m_mask[None, :] & (rk[:, None] < K),
                          other=0.0)
         part = tl.dot(w, xt.to(COMPUTE), part)
-        if ZERO_BY_SUMS:
-            xsum = tl.dot(ones, xt.to(COMPUTE), xsum)
     else:
         if EVEN_K:
             xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None], other=0.0)
@@ -165,15 +162,33 @@ def _plane_product(w, rk, s, part, xsum, ones, x_ptr, rm, m_mask, stride_xm, K, 
             xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K),
                          other=0.0)
         part = tl.dot(xs.to(COMPUTE), tl.trans(w), part)
-        if ZERO_BY_SUMS:
-            xsum = tl.dot(xs.to(COMPUTE), tl.trans(ones), xsum)
-    return part, xsum
+    return part
+
+
+@triton.jit
+def _x_sums(xsums_ptr, stride_xs, rm, m_mask, block, SWAP_AB: tl.constexpr):
+    """Row ``block`` of the sums of x (``[blocks, M]``, :func:`lowbit.kernels.dispatch.x_sums`):
+    ``[1, BLOCK_M]`` (``[BLOCK_M, 1]`` unswapped), contiguous along the tokens."""
+    if SWAP_AB:
+        sums = tl.load(xsums_ptr + block * stride_xs + rm[None, :], mask=m_mask[None, :], other=0.0)
+    else:
+        sums = tl.load(xsums_ptr + block * stride_xs + rm[:, None], mask=m_mask[:, None], other=0.0)
+    return sums
+
+
+@triton.jit
+def _tile_x_sums(xsums_ptr, stride_xs, rm, m_mask, t, BLOCKS: tl.constexpr, SWAP_AB: tl.constexpr):
+    """The sums of x of the ``BLOCKS`` groups of k-tile ``t``: a tuple."""
+    sums = ()
+    for i in tl.static_range(BLOCKS):
+        sums = sums + (_x_sums(xsums_ptr, stride_xs, rm, m_mask, t * BLOCKS + i, SWAP_AB),)
+    return sums
 
 
 @triton.jit
 def _minus_zero_sums(part, z, xsum, SWAP_AB: tl.constexpr):
     """``part - z * sum_k x``: zero points ``z [BLOCK_N, 1]`` (codes) off a product of raw codes
-    (``xsum``: the sums of x in the accumulator's shape)."""
+    (``xsum``: the sums of x, ``[1, BLOCK_M]``, or ``[BLOCK_M, 1]`` unswapped)."""
     if SWAP_AB:
         out = part - z.to(tl.float32) * xsum
     else:
@@ -183,8 +198,8 @@ def _minus_zero_sums(part, z, xsum, SWAP_AB: tl.constexpr):
 
 @triton.jit
 def lowbit_matmul_kernel(
-    x_ptr, seg0_ptr, seg1_ptr, seg2_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
-    M, N, K, stride_xm, stride_om, stride_w0, stride_w1, stride_w2, k_tiles_per_split, n_groups, split_k,
+    x_ptr, seg0_ptr, seg1_ptr, seg2_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, xsums_ptr,
+    M, N, K, stride_xm, stride_om, stride_w0, stride_w1, stride_w2, stride_xs, k_tiles_per_split, n_groups, split_k,
     BITS: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr, PD: tl.constexpr,
     IS_FLOAT: tl.constexpr, MAN_BITS: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
     SYMMETRIC: tl.constexpr, OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MX: tl.constexpr,
@@ -204,10 +219,14 @@ def lowbit_matmul_kernel(
     ELEMENT_SCALE: tl.constexpr = (not PER_CHANNEL) and GROUP_SIZE < DPD
     PLANES_PER_GROUP: tl.constexpr = (KT if GROUP_SIZE >= KT else GROUP_SIZE) // DPD if GROUP_SCALE else NP
     # Zero points of whole groups (or rows) leave the weights as raw codes and come off the partial
-    # product: sum_k (q - z) x = sum_k q x - z sum_k x. The matrix unit sums x (a product with
-    # ones), already in the accumulator's layout; a reduction across threads costs far more. Not for
-    # 2:4 weights: their pruned entries are 0, not q = z (zero points meet the kept codes instead).
+    # product: sum_k (q - z) x = sum_k q x - z sum_k x, with the sums of x over each group (at most a
+    # tile; per-channel: over each split's k) computed once per call (``xsums``, see
+    # :func:`lowbit.kernels.dispatch.x_sums`) and loaded a tile ahead. (A product with ones on the
+    # matrix unit cost a second dot and a wgmma wait per group; sums across threads in the kernel,
+    # shuffles and a layout conversion per plane: run 21.) Not for 2:4 weights: their pruned entries
+    # are 0, not q = z (zero points meet the kept codes instead).
     ZERO_BY_SUMS: tl.constexpr = (not SYMMETRIC) and (not ELEMENT_SCALE) and (not SPARSE)
+    SUMS_PER_TILE: tl.constexpr = NP // PLANES_PER_GROUP if GROUP_SCALE else 0
 
     num_m_tiles = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
@@ -231,14 +250,15 @@ def lowbit_matmul_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    xsum = tl.zeros(acc.shape, dtype=tl.float32)  # sum_k x of the current group, per output element
-    ones = tl.full((BLOCK_N, PD), 1.0, COMPUTE)
+    if ZERO_BY_SUMS:  # sum_k x of the current group (per-channel: of the split's k)
+        if PER_CHANNEL:
+            xsum = _x_sums(xsums_ptr, stride_xs, rm, m_mask, pid_k, SWAP_AB)
+        else:
+            xs_next = _tile_x_sums(xsums_ptr, stride_xs, rm, m_mask, t_start, SUMS_PER_TILE, SWAP_AB)
     if PER_CHANNEL:
         s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, 0, n_groups, rn[:, None], n_mask[:, None], N, SYMMETRIC,
                                        SCALE_MX, OFFSET, FLOAT_FACTOR)
 
-    # One group per tile (g >= 128): its scales are loaded a tile ahead (the pipeliner only prefetches
-    # dot operands; a scale load in the loop stalled every iteration on DRAM latency, ncu).
     # Groups of at least a plane: a tile's group scales (a tuple of [BLOCK_N, 1]) are loaded a tile ahead
     # (the pipeliner only prefetches dot operands; a scale load in the loop stalled every iteration on
     # DRAM latency, ncu).
@@ -251,6 +271,10 @@ def lowbit_matmul_kernel(
             s_groups, z_groups = s_next, z_next
             s_next, z_next = _tile_group_scales(scales_ptr, zeros_ptr, t + 1, n_groups, rn, n_mask, N, KT,
                                                 GROUPS_PER_TILE, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR, GROUP_SIZE)
+        if ZERO_BY_SUMS and GROUP_SCALE:
+            xs_groups = xs_next
+            xs_next = _tile_x_sums(xsums_ptr, stride_xs, rm, m_mask, tl.minimum(t + 1, k_tiles - 1), SUMS_PER_TILE,
+                                   SWAP_AB)
         w0 = _load_words(seg0_ptr, rn, t, stride_w0, n_mask, SEG0, PD, ROW_BLOCK, BLOCK_N, True)
         w1 = w0
         w2 = w0
@@ -272,7 +296,7 @@ def lowbit_matmul_kernel(
                     s_tile, z_tile = s_groups[j // PLANES_PER_GROUP], z_groups[j // PLANES_PER_GROUP]
                     part = tl.zeros(acc.shape, dtype=tl.float32)
                     if ZERO_BY_SUMS:
-                        xsum = tl.zeros(xsum.shape, dtype=tl.float32)
+                        xsum = xs_groups[j // PLANES_PER_GROUP]
             if ELEMENT_SCALE:  # several groups in a plane: per-element scales
                 if SPARSE:  # zero points meet the kept values before expansion: by stored column
                     _, z_tile = _scale_values(scales_ptr, zeros_ptr, ((k0 + 4 * (rp // 2)) // GROUP_SIZE)[None, :],
@@ -298,10 +322,10 @@ def lowbit_matmul_kernel(
                                             rn[:, None], n_mask[:, None], N, True, SCALE_MX, OFFSET, FLOAT_FACTOR)
                 else:
                     s_g1 = s_tile
-                part, xsum = _plane_product(w, rk, s_tile, part, xsum, ones, x_ptr, rm, m_mask, stride_xm, K,
-                                            ELEMENT_SCALE, SCALE_IN_COMPUTE, ZERO_BY_SUMS, EVEN_K, SWAP_AB, COMPUTE)
-                part, xsum = _plane_product(w_g1, rk + 2, s_g1, part, xsum, ones, x_ptr, rm, m_mask, stride_xm, K,
-                                            ELEMENT_SCALE, SCALE_IN_COMPUTE, ZERO_BY_SUMS, EVEN_K, SWAP_AB, COMPUTE)
+                part = _plane_product(w, rk, s_tile, part, x_ptr, rm, m_mask, stride_xm, K, ELEMENT_SCALE,
+                                      SCALE_IN_COMPUTE, EVEN_K, SWAP_AB, COMPUTE)
+                part = _plane_product(w_g1, rk + 2, s_g1, part, x_ptr, rm, m_mask, stride_xm, K, ELEMENT_SCALE,
+                                      SCALE_IN_COMPUTE, EVEN_K, SWAP_AB, COMPUTE)
             else:
                 if ASM4 != "" or ASMP != "":
                     w = planes[j]
@@ -313,8 +337,8 @@ def lowbit_matmul_kernel(
                 if ASM4 != "" or ASM8 != "" or ASMP != "":
                     if not SYMMETRIC and not ZERO_BY_SUMS:  # the asm left ``code``; the zero point varies per row
                         w = w - z_tile.to(COMPUTE)
-                part, xsum = _plane_product(w, k0 + rd, s_tile, part, xsum, ones, x_ptr, rm, m_mask, stride_xm, K,
-                                            ELEMENT_SCALE, SCALE_IN_COMPUTE, ZERO_BY_SUMS, EVEN_K, SWAP_AB, COMPUTE)
+                part = _plane_product(w, k0 + rd, s_tile, part, x_ptr, rm, m_mask, stride_xm, K, ELEMENT_SCALE,
+                                      SCALE_IN_COMPUTE, EVEN_K, SWAP_AB, COMPUTE)
             if GROUP_SCALE:
                 if (j + 1) % PLANES_PER_GROUP == 0:
                     if ZERO_BY_SUMS:
