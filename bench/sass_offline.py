@@ -17,13 +17,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lowbit.bench.common import random_qweight
-from lowbit.kernels.dispatch import _fast_path_constants, _scheme_constants
+from lowbit.kernels.dispatch import _fast_path_constants, _scheme_constants, x_sums
 from lowbit.kernels.triton_matmul import lowbit_matmul_kernel
 
 scheme, block_n, block_m, swap, warps, stages = sys.argv[1], *map(int, sys.argv[2:7])
 qw = random_qweight(scheme, 256, 1024, torch.float16, "cpu")
 consts = {**_scheme_constants(qw, torch.float16), **_fast_path_constants(qw, torch.float16, torch.device("cuda")),
           "HAS_BIAS": False, "EVEN_K": True, "SPARSE": qw.scheme.sparsity is not None, "BLOCK_N": block_n,
+          "HAS_X_SUMS": x_sums(torch.zeros(1, 1024, dtype=torch.float16), qw, 128) is not None,
           "BLOCK_M": block_m, "SWAP_AB": bool(swap)}
 names = lowbit_matmul_kernel.arg_names
 TYPES = {torch.uint8: "*u8", torch.int16: "*i16", torch.int32: "*i32", torch.float16: "*fp16", torch.float32: "*fp32"}
@@ -32,7 +33,8 @@ pointer_types = {"x_ptr": "*fp16", "scales_ptr": TYPES[qw.scales.dtype], "bias_p
                  "xsums_ptr": "*fp32", "partial_ptr": "*fp32", "counter_ptr": "*i32", "zeros_ptr": "*u8" if qw.zeros is not None else
                  TYPES[qw.scales.dtype], **{f"seg{i}_ptr": TYPES[t.dtype] for i, t in enumerate(segs)}}
 signature = {a: "constexpr" if a in consts else pointer_types.get(a, "i32") for a in names}
-divisible = [a for a in names if a not in consts and a not in ("split_k", "k_tiles_per_split", "n_groups")]
+divisible = [a for a in names if a not in consts and a not in ("split_k", "k_tiles_per_split", "n_groups",
+                                                                 "stride_xs")]
 source = ASTSource(fn=lowbit_matmul_kernel, signature=signature,
                    constexprs={(names.index(k),): v for k, v in consts.items()},
                    attrs={(names.index(a),): [["tt.divisibility", 16]] for a in divisible})

@@ -187,6 +187,16 @@ def test_pack_rejects(codes, bits, msg):
         pack.pack_codes(codes, bits)
 
 
+def test_pack_sparse_rejects_positions_that_are_not_ascending_pairs():
+    ok = torch.tensor([[0, 1, 1 << 2 | 2, 3]], dtype=torch.uint8)  # groups (0, 1) and (2, 3)
+    pack.pack_codes(ok, 6, sparse=True)
+    for bad in ([[1, 0, 2, 3]], [[2, 2, 0, 1]], [[3, 0, 0, 1]]):
+        with pytest.raises(ValueError, match="ascend"):
+            pack.pack_codes(torch.tensor(bad, dtype=torch.uint8), 6, sparse=True)
+    with pytest.raises(ValueError, match="two per group"):
+        pack.pack_codes(torch.tensor([[0, 1, 2]], dtype=torch.uint8), 6, sparse=True)
+
+
 def test_pack_rejects_codes_out_of_range():
     """A code of more than ``bits`` bits cannot be stored: it must be an error, not silently truncated."""
     for bits in [2, 3, 4, 5, 6, 7, 10]:

@@ -53,7 +53,7 @@ def planes_asm(bits: int, is_float: bool, man_bits: int, fp16: bool, symmetric_z
     """PTX decoding ``PACK`` consecutive k of every plane of a ``bits``-bit tile at once.
 
     Inputs: the segment words of the ``PACK`` values, each segment in as many 32-bit registers as
-    its words take (uint8: 1, int16: 2, int32: 4), three segments always (a format with fewer
+    its words take (bytes: 1, int16: 2), three segments always (a format with fewer
     passes its first segment again, unused). Outputs: per plane two registers of two halves (k and
     k+1, then k+2 and k+3).
 
@@ -89,21 +89,13 @@ def planes_asm(bits: int, is_float: bool, man_bits: int, fp16: bool, symmetric_z
     def pair_register(seg: int, q: int, bit: int) -> tuple[str, int]:
         """A register with the words of values 2q and 2q+1 of segment ``seg`` at bits 0.. and
         16.. (as far as bit ``bit`` of a word goes), and where that bit then sits."""
-        wb = word_bits[seg]
-        if wb == 16:
+        if word_bits[seg] == 16:
             return regs[seg][q], bit
-        byte = bit // 8 if wb == 32 else 0
-        key = (seg, q, byte)
-        if key not in pairs:
-            name = temp()
-            if wb == 8:  # one register holds the 4 values' bytes
-                sel = 0x1100 if q == 0 else 0x3322
-                lines.append(f"prmt.b32 {name}, {regs[seg][0]}, {regs[seg][0]}, 0x{sel:04x};")
-            else:  # values 2q, 2q+1 in two registers: their byte ``byte`` to bytes 0 and 2
-                sel = byte | byte << 4 | (4 + byte) << 8 | (4 + byte) << 12
-                lines.append(f"prmt.b32 {name}, {regs[seg][2 * q]}, {regs[seg][2 * q + 1]}, 0x{sel:04x};")
-            pairs[key] = name
-        return pairs[key], bit - 8 * byte
+        key = (seg, q)
+        if key not in pairs:  # bytes: one register holds the 4 values'; values 2q, 2q+1 to bytes 0 and 2
+            pairs[key] = temp()
+            lines.append(f"prmt.b32 {pairs[key]}, {regs[seg][0]}, {regs[seg][0]}, 0x{0x1100 if q == 0 else 0x3322:04x};")
+        return pairs[key], bit
 
     magic = None if is_float else _half(1024.0 if fp16 else 128.0, fp16)
     for j in range(planes):
@@ -145,9 +137,10 @@ def planes_asm(bits: int, is_float: bool, man_bits: int, fp16: bool, symmetric_z
     values = [f"v{i}" for i in range(2 * planes)] if sparse else []
     if sparse:
         lines += _expand_2of4_lines(regs[len(segments) - 1][0], segments[-1], planes)
+    # (f16x2 operands: registers only)
     decl = [f".reg .b32 c, z{''.join(f', t{i + 1}' for i in range(temps))}{''.join(', ' + v for v in values)};"]
     if sparse:
-        decl += _EXPAND_DECL  # (f16x2 operands: registers only)
+        decl += _EXPAND_DECL
     if magic is not None:
         decl.append(f"mov.b32 c, {_pair(_half((1024.0 if fp16 else 128.0) + (symmetric_zero or 0), fp16))};")
     elif not fp16:

@@ -92,7 +92,7 @@ def _fast_path_constants(qw: QuantizedWeight, compute: torch.dtype, device: torc
         return out
     zero = None if fmt.is_float or not qw.scheme.symmetric else fmt.offset
     if qw.scheme.sparsity:  # 2:4: values and their expansion in one call (zero points: plain Triton)
-        if (fmt.is_float or qw.scheme.symmetric) and sparse_asm_supported(qw.scheme.code_bits) and \
+        if qw.scheme.symmetric and sparse_asm_supported(qw.scheme.code_bits) and \
                 (fp16 or fmt.is_float or fmt.bits < 8):
             out["ASMP"], out["ASMP_REGS"], _ = planes_asm(qw.scheme.code_bits, fmt.is_float,
                                                           getattr(fmt, "man_bits", 0), fp16, zero, sparse=True)
@@ -146,7 +146,7 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
     lowbit_matmul_kernel[(grid_mn, split)](
         x, *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, bias if bias is not None else out,
         out, partial, counters, out if sums is None else sums, m, n, k, x.stride(0), out.stride(0), *strides,
-        0 if sums is None else sums.stride(0), per_split, qw.num_groups, split,
+        0 if sums is None else sums.stride(0), per_split, qw.num_groups, split, HAS_X_SUMS=sums is not None,
         HAS_BIAS=bias is not None, EVEN_K=k % dense_tile == 0, SPARSE=qw.scheme.sparsity is not None,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -263,8 +263,8 @@ def _choose(slug: str, key: tuple, sparse: bool, sms: int) -> KernelConfig:
     above = [e for e in entries if e[0]["m"] >= m]
     if above:  # the tuned entry of the smallest batch bucket >= m
         cfg = min(above, key=lambda e: e[0]["m"])[1]
-        fit = max(16, triton.next_power_of_2(min(m, 64)))  # token tile of the batch (wider tiles multiply padding)
-        if cfg.path == "fused" and cfg.swap_ab and cfg.block_m <= 64 and cfg.block_m != fit:
+        fit = max(16, triton.next_power_of_2(m))  # a bucket's token tile, narrowed to the batch (less padding)
+        if cfg.path == "fused" and cfg.swap_ab and cfg.block_m > fit:
             cfg = KernelConfig(**{**asdict(cfg), "block_m": fit})
         return cfg
     return heuristic_config(m, n, k, bits, sms)

@@ -203,7 +203,7 @@ def lowbit_matmul_kernel(
     BITS: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr, PD: tl.constexpr,
     IS_FLOAT: tl.constexpr, MAN_BITS: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
     SYMMETRIC: tl.constexpr, OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MX: tl.constexpr,
-    HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, ASM4: tl.constexpr, ASM8: tl.constexpr, ASMP: tl.constexpr,
+    HAS_X_SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, ASM4: tl.constexpr, ASM8: tl.constexpr, ASMP: tl.constexpr,
     ASMP_REGS: tl.constexpr, SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr, ROW_BLOCK: tl.constexpr,
     SPARSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
@@ -226,7 +226,8 @@ def lowbit_matmul_kernel(
     # shuffles and a layout conversion per plane: run 21.) Not for 2:4 weights: their pruned entries
     # are 0, not q = z (zero points meet the kept codes instead).
     ZERO_BY_SUMS: tl.constexpr = (not SYMMETRIC) and (not ELEMENT_SCALE) and (not SPARSE)
-    SUMS_PER_TILE: tl.constexpr = NP // PLANES_PER_GROUP if GROUP_SCALE else 0
+    tl.static_assert(ZERO_BY_SUMS == HAS_X_SUMS, "dispatch.x_sums and the kernel disagree on zero-point sums")
+    GROUPS_PER_TILE: tl.constexpr = NP // PLANES_PER_GROUP if GROUP_SCALE else 0
 
     num_m_tiles = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
@@ -254,7 +255,7 @@ def lowbit_matmul_kernel(
         if PER_CHANNEL:
             xsum = _x_sums(xsums_ptr, stride_xs, rm, m_mask, pid_k, SWAP_AB)
         else:
-            xs_next = _tile_x_sums(xsums_ptr, stride_xs, rm, m_mask, t_start, SUMS_PER_TILE, SWAP_AB)
+            xs_next = _tile_x_sums(xsums_ptr, stride_xs, rm, m_mask, t_start, GROUPS_PER_TILE, SWAP_AB)
     if PER_CHANNEL:
         s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, 0, n_groups, rn[:, None], n_mask[:, None], N, SYMMETRIC,
                                        SCALE_MX, OFFSET, FLOAT_FACTOR)
@@ -262,7 +263,6 @@ def lowbit_matmul_kernel(
     # Groups of at least a plane: a tile's group scales (a tuple of [BLOCK_N, 1]) are loaded a tile ahead
     # (the pipeliner only prefetches dot operands; a scale load in the loop stalled every iteration on
     # DRAM latency, ncu).
-    GROUPS_PER_TILE: tl.constexpr = NP // PLANES_PER_GROUP if GROUP_SCALE else 0
     if GROUP_SCALE:
         s_next, z_next = _tile_group_scales(scales_ptr, zeros_ptr, t_start, n_groups, rn, n_mask, N, KT,
                                             GROUPS_PER_TILE, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR, GROUP_SIZE)
@@ -273,7 +273,7 @@ def lowbit_matmul_kernel(
                                                 GROUPS_PER_TILE, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR, GROUP_SIZE)
         if ZERO_BY_SUMS and GROUP_SCALE:
             xs_groups = xs_next
-            xs_next = _tile_x_sums(xsums_ptr, stride_xs, rm, m_mask, tl.minimum(t + 1, k_tiles - 1), SUMS_PER_TILE,
+            xs_next = _tile_x_sums(xsums_ptr, stride_xs, rm, m_mask, tl.minimum(t + 1, k_tiles - 1), GROUPS_PER_TILE,
                                    SWAP_AB)
         w0 = _load_words(seg0_ptr, rn, t, stride_w0, n_mask, SEG0, PD, ROW_BLOCK, BLOCK_N, True)
         w1 = w0
@@ -428,10 +428,10 @@ def lowbit_dequant_kernel(
             pairs01, pairs23 = _expand_2of4(_decode(code >> 2, z, COMPUTE, IS_FLOAT, BITS, MAN_BITS), code & 3,
                                             BLOCK_N, PD)
             rk = k0 + 4 * (rp // 2) + rp % 2
-            _store_dequantized(pairs01, rk, scales_ptr, zeros_ptr, out_ptr, rn, n_mask, N, K, n_groups, SYMMETRIC,
-                               SCALE_MX, OFFSET, FLOAT_FACTOR, GROUP_SIZE, COMPUTE)
-            _store_dequantized(pairs23, rk + 2, scales_ptr, zeros_ptr, out_ptr, rn, n_mask, N, K, n_groups, SYMMETRIC,
-                               SCALE_MX, OFFSET, FLOAT_FACTOR, GROUP_SIZE, COMPUTE)
+            _store_dequantized(pairs01, rk, scales_ptr, zeros_ptr, out_ptr, rn, n_mask, N, K, n_groups, SCALE_MX,
+                               OFFSET, FLOAT_FACTOR, GROUP_SIZE, COMPUTE)
+            _store_dequantized(pairs23, rk + 2, scales_ptr, zeros_ptr, out_ptr, rn, n_mask, N, K, n_groups, SCALE_MX,
+                               OFFSET, FLOAT_FACTOR, GROUP_SIZE, COMPUTE)
         else:
             if GROUP_SIZE == -1:
                 g = 0
@@ -455,9 +455,9 @@ def _group_of(rk, GROUP_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _store_dequantized(v, rk, scales_ptr, zeros_ptr, out_ptr, rn, n_mask, N, K, n_groups, SYMMETRIC: tl.constexpr,
-                       SCALE_MX: tl.constexpr, OFFSET: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
-                       GROUP_SIZE: tl.constexpr, COMPUTE: tl.constexpr):
+def _store_dequantized(v, rk, scales_ptr, zeros_ptr, out_ptr, rn, n_mask, N, K, n_groups, SCALE_MX: tl.constexpr,
+                       OFFSET: tl.constexpr, FLOAT_FACTOR: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                       COMPUTE: tl.constexpr):
     """``out[rn, rk] = v * scale`` (in float32, rounded once to ``COMPUTE``) for decoded values ``v``."""
     s, _ = _scale_values(scales_ptr, zeros_ptr, _group_of(rk, GROUP_SIZE), n_groups, rn[:, None], n_mask[:, None], N,
                          True, SCALE_MX, OFFSET, FLOAT_FACTOR)

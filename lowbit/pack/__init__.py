@@ -17,8 +17,9 @@ reshape in the kernel (v4: 32-deep planes for every width; v3's 16-deep planes o
 1-bit segment went through shared memory on their way to the matrix unit).
 
 Rows are stored in blocks of ``ROW_BLOCK = 16``: each segment is a tensor
-``[ceil(N / 16), K_padded / 128 * 16 * D]`` whose row ``b`` holds rows ``16b .. 16b+15`` tile after
-tile (tile ``t`` of a block is ``16 * D`` contiguous words, row-major; rows past N are code 0). A
+``[ceil(N / 16), K_padded / 128 * 16 * W]`` (``W`` = :func:`segment_words`: ``D``, or ``D / 2``
+bytes of a 1-bit segment) whose row ``b`` holds rows ``16b .. 16b+15`` tile after tile (tile ``t``
+of a block is ``16 * W`` contiguous stored words, row-major; rows past N are code 0). A
 kernel's tile of 16*r rows is then r contiguous chunks of 256*s bytes instead of 16*r scattered
 rows of 16*s bytes, which DRAM serves at full speed (+20 % for int4, measured), and slicing the
 second dimension in equal parts still cuts whole tiles.
@@ -79,18 +80,18 @@ def segment_shape(n: int, k: int, bits: int, seg_bits: int) -> tuple[int, int]:
     return (row_blocks(n), padded_k(k) // TILE_K * ROW_BLOCK * segment_words(bits, seg_bits))
 
 
-def _to_row_blocks(words: torch.Tensor, n: int, depth: int) -> torch.Tensor:
-    """Row-major ``[n, tiles * depth]`` words -> ``[row_blocks(n), tiles * ROW_BLOCK * depth]``."""
-    tiles = words.shape[1] // depth
+def _to_row_blocks(words: torch.Tensor, n: int, per_tile: int) -> torch.Tensor:
+    """Row-major ``[n, tiles * per_tile]`` stored words -> ``[row_blocks(n), tiles * ROW_BLOCK * per_tile]``."""
+    tiles = words.shape[1] // per_tile
     padded = words.new_zeros(row_blocks(n) * ROW_BLOCK, words.shape[1])
     padded[:n] = words
-    return padded.view(-1, ROW_BLOCK, tiles, depth).transpose(1, 2).reshape(-1, tiles * ROW_BLOCK * depth)
+    return padded.view(-1, ROW_BLOCK, tiles, per_tile).transpose(1, 2).reshape(-1, tiles * ROW_BLOCK * per_tile)
 
 
-def _from_row_blocks(words: torch.Tensor, n: int, depth: int) -> torch.Tensor:
-    """Inverse of :func:`_to_row_blocks`: ``[n, tiles * depth]``."""
-    tiles = words.shape[1] // (ROW_BLOCK * depth)
-    return words.view(-1, tiles, ROW_BLOCK, depth).transpose(1, 2).reshape(-1, tiles * depth)[:n]
+def _from_row_blocks(words: torch.Tensor, n: int, per_tile: int) -> torch.Tensor:
+    """Inverse of :func:`_to_row_blocks`: ``[n, tiles * per_tile]``."""
+    tiles = words.shape[1] // (ROW_BLOCK * per_tile)
+    return words.view(-1, tiles, ROW_BLOCK, per_tile).transpose(1, 2).reshape(-1, tiles * per_tile)[:n]
 
 
 def _segment_shifts(bits: int) -> list[tuple[int, int]]:
@@ -120,6 +121,15 @@ def _recode_positions(c: torch.Tensor, inverse: bool) -> torch.Tensor:
     return ((pairs & ~3) | torch.stack([first, second], dim=-1)).view_as(c)
 
 
+def _check_pairs(codes: torch.Tensor) -> None:
+    """2:4 codes come in pairs of stored columns whose positions ascend (p0 < p1)."""
+    if codes.shape[1] % 2:
+        raise ValueError(f"pack_codes(sparse=True): 2:4 codes come two per group, got {codes.shape[1]} columns")
+    positions = (codes.to(torch.int64) & 3).view(codes.shape[0], -1, 2)
+    if (positions[..., 0] >= positions[..., 1]).any():
+        raise ValueError("pack_codes(sparse=True): the two positions of every group must ascend (p0 < p1)")
+
+
 def code_dtype(bits: int) -> torch.dtype:
     """dtype of unpacked ``bits``-bit codes: uint8 up to 8 bits, int16 above."""
     return torch.uint8 if bits <= 8 else torch.int16
@@ -139,6 +149,8 @@ def pack_codes(codes: torch.Tensor, bits: int, *, sparse: bool = False) -> tuple
         raise ValueError(f"pack_codes: code {int(codes.max())} is out of range for {bits}-bit codes "
                          f"(0..{(1 << bits) - 1})")
     n, k = codes.shape
+    if sparse:
+        _check_pairs(codes)
     kp = padded_k(k)
     c = torch.zeros(n, kp, dtype=torch.int64, device=codes.device)
     c[:, :k] = codes
