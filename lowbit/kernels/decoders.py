@@ -94,7 +94,8 @@ def planes_asm(bits: int, is_float: bool, man_bits: int, fp16: bool, symmetric_z
         key = (seg, q)
         if key not in pairs:  # bytes: one register holds the 4 values'; values 2q, 2q+1 to bytes 0 and 2
             pairs[key] = temp()
-            lines.append(f"prmt.b32 {pairs[key]}, {regs[seg][0]}, {regs[seg][0]}, 0x{0x1100 if q == 0 else 0x3322:04x};")
+            selector = 0x1100 if q == 0 else 0x3322
+            lines.append(f"prmt.b32 {pairs[key]}, {regs[seg][0]}, {regs[seg][0]}, 0x{selector:04x};")
         return pairs[key], bit
 
     magic = None if is_float else _half(1024.0 if fp16 else 128.0, fp16)

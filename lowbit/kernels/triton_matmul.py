@@ -203,8 +203,9 @@ def lowbit_matmul_kernel(
     BITS: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr, PD: tl.constexpr,
     IS_FLOAT: tl.constexpr, MAN_BITS: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
     SYMMETRIC: tl.constexpr, OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MX: tl.constexpr,
-    HAS_X_SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, ASM4: tl.constexpr, ASM8: tl.constexpr, ASMP: tl.constexpr,
-    ASMP_REGS: tl.constexpr, SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr, ROW_BLOCK: tl.constexpr,
+    HAS_X_SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, ASM4: tl.constexpr, ASM8: tl.constexpr,
+    ASMP: tl.constexpr, ASMP_REGS: tl.constexpr, SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,
     SPARSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     TILE_K: tl.constexpr = 128
