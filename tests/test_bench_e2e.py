@@ -39,6 +39,34 @@ def test_main_writes_json_rows_and_table(tmp_path, capsys):
     assert table[-1].split()[:3] == ["tiny", "int4-g32", "2"]
 
 
+def test_replot_draws_and_prints_an_earlier_run_without_measuring(tmp_path, capsys):
+    path, png = tmp_path / "e2e.json", tmp_path / "replot.png"
+    e2e.main(["--device", "cpu", "--models", "tiny", "--schemes", "fp16", "--batches", "1", "--prompt-len", "4",
+              "--gen-len", "5", "--json", str(path)])
+    table = capsys.readouterr().out.split("\n", 1)[1]  # (after the progress line)
+    assert e2e.main(["--replot", str(path), "--plot", str(png)]) == 0
+    assert capsys.readouterr().out == table and png.stat().st_size > 0
+    layers_json = tmp_path / "layers.json"
+    layers_json.write_text(json.dumps({"kind": "layers"}))
+    with pytest.raises(SystemExit):
+        e2e.main(["--replot", str(layers_json)])
+
+
+def test_layers_replot_prints_the_table_of_its_json(tmp_path, capsys):
+    from lowbit.bench import layers
+
+    blocks = [{"layer_set": "llama2-7b", "scheme": "int4-g128", "dtype": "float16", "M": m, "us": 10.0 * m,
+               "baseline_us": 20.0 * m + 5, "speedup": (20.0 * m + 5) / (10.0 * m), "roofline_frac": 0.5}
+              for m in (1, 16)]
+    result = {"kind": "layers", "gpu": "test GPU", "commit": "abc", "copy_bandwidth_gbs": 1000.0, "rows": [],
+              "blocks": blocks, "errors": []}
+    path, png = tmp_path / "layers.json", tmp_path / "layers.png"
+    path.write_text(json.dumps(result))
+    assert layers.main(["--replot", str(path), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "test GPU" in out and "2.50" in out.split("int4-g128")[-1] and png.stat().st_size > 0
+
+
 def test_out_of_memory_is_recorded_and_leaves_baseline_null(monkeypatch):
     build = e2e.build_model
 

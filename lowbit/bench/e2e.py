@@ -289,7 +289,17 @@ def main(argv=None) -> int:
                         "or eager (CPU default)")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
+    p.add_argument("--replot", type=Path, metavar="JSON",
+                   help="no measurement: print the table of an earlier run's JSON (and draw --plot)")
     a = p.parse_args(argv)
+    if a.replot:
+        result = json.loads(a.replot.read_text())
+        if result.get("kind") != "e2e":
+            p.error(f"{a.replot}: not a `lowbit bench e2e` result (kind {result.get('kind')!r})")
+        if a.plot:
+            plot(result, a.plot)
+        print(format_table(result))
+        return 0
     for s in a.schemes:
         if s != DENSE:
             try:

@@ -182,7 +182,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
+    p.add_argument("--replot", type=Path, metavar="JSON",
+                   help="no measurement: print the table of an earlier run's JSON (and draw --plot), e.g. on a machine "
+                        "without a GPU")
     a = p.parse_args(argv)
+    if a.replot:
+        return _replot(a.replot, a.plot)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     for s in a.schemes:
@@ -203,6 +208,16 @@ def main(argv=None) -> int:
         a.json.write_text(json.dumps(result, indent=1))
     if a.plot:
         plot(result, a.plot)
+    print(format_table(result))
+    return 0
+
+
+def _replot(source: Path, plot_path: Path | None) -> int:
+    result = json.loads(source.read_text())
+    if result.get("kind") != "layers":
+        raise SystemExit(f"{source}: not a `lowbit bench layers` result (kind {result.get('kind')!r})")
+    if plot_path:
+        plot(result, plot_path)
     print(format_table(result))
     return 0
 
