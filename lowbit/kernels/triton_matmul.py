@@ -288,7 +288,11 @@ def lowbit_matmul_kernel(
         if ASM4 != "":  # (a dtype tuple holds plain dtypes: COMPUTE.value, not the constexpr)
             planes = tl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [w0], dtype=(COMPUTE.value,) * NP, is_pure=True,
                                                pack=2)
-        elif ASMP != "":  # 2:4: two dense halves per plane (every group's positions 0-1, then 2-3)
+        elif ASMP != "":
+            # 2:4: two dense halves per plane (every group's positions 0-1, then 2-3). The decoder
+            # needs a group's two stored columns in one call: Triton keeps consecutive column pairs
+            # in adjacent registers in the layouts it picks here (blocked loads, kWidth-2 operands);
+            # the GPU tests over configs and the tuner's output check guard that.
             planes = _asm_planes(ASMP, ASMP_REGS, w0, w1, w2, 2 * NP if SPARSE else NP, COMPUTE)
         for j in tl.static_range(NP):
             k0 = t * KT + j * DPD
