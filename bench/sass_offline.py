@@ -1,7 +1,7 @@
 """Compile one fused-kernel configuration for sm_90 on a machine without a GPU (Triton's bundled
 ptxas and cuobjdump) and count the SASS instructions that matter: no device time needed to see
 whether the matrix instructions are wgmma or mma.sync, whether the activation loads are
-asynchronous, and how many decode instructions the loop holds.
+asynchronous, how many decode instructions the loop holds, and its registers per thread (occupancy).
 
     python bench/sass_offline.py SCHEME BLOCK_N BLOCK_M SWAP_AB NUM_WARPS NUM_STAGES
 """
@@ -43,9 +43,11 @@ cubin = Path("/tmp/lowbit_kernel.cubin")
 cubin.write_bytes(kernel.asm["cubin"])
 cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
 sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+registers = " ".join(re.findall(r"(REG:\d+|STACK:\d+)", usage))  # registers per thread, spill stack bytes
 ops = collections.Counter(m.split(".")[0] for m in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)",
                                                               sass, re.M))
 print(f"{scheme} block_n={block_n} block_m={block_m} swap={bool(swap)} warps={warps} stages={stages}: "
-      f"{sum(ops.values())} instructions, shared {kernel.metadata.shared} B")
+      f"{sum(ops.values())} instructions, shared {kernel.metadata.shared} B, {registers}")
 print(" ".join(f"{op}:{n}" for op, n in ops.most_common(30)))
 print("waits after each wgmma:", sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0"))
