@@ -20,6 +20,7 @@ place in a half2 and one ``lop3`` masks them and ORs them into the result.
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 
 from .. import pack as _pack
 
@@ -48,6 +49,7 @@ def _targets(bits: int, is_float: bool, man_bits: int, fp16: bool) -> list[int]:
     return [low + c for c in range(bits - 1)] + [15]
 
 
+@lru_cache(maxsize=None)  # pure, and the dispatcher asks on every call: ~140 us of Python each time
 def planes_asm(bits: int, is_float: bool, man_bits: int, fp16: bool, symmetric_zero: int | None,
                sparse: bool = False) -> tuple[str, str, int]:
     """PTX decoding ``PACK`` consecutive k of every plane of a ``bits``-bit tile at once.
@@ -193,6 +195,7 @@ def _expand_2of4_lines(meta: str, width: int, planes: int) -> list[str]:
     return lines
 
 
+@lru_cache(maxsize=None)
 def int4_words_asm(fp16: bool, symmetric_zero: int | None) -> str:
     """PTX turning two int16 words of 4-bit codes (4 planes each: bits 4j..4j+3 hold plane j) into
     the 4 planes' values, two per output register: ``(word & 0x000F000F) | magic`` is a half2
@@ -219,6 +222,7 @@ def int4_words_asm(fp16: bool, symmetric_zero: int | None) -> str:
     return "{\n" + "\n".join(lines) + "\n}"
 
 
+@lru_cache(maxsize=None)
 def int8_fp16_asm(symmetric_zero: int | None) -> str:
     """PTX turning 4 uint8 codes (one register) into 4 fp16 values: two byte permutes place each code
     in the mantissa of 1024.0, two packed subtractions remove 1024 (+ the symmetric zero point)."""
@@ -230,6 +234,7 @@ def int8_fp16_asm(symmetric_zero: int | None) -> str:
             "sub.f16x2 $0, a, c;\nsub.f16x2 $1, b, c;\n}")
 
 
+@lru_cache(maxsize=None)
 def e4m3_fp16_asm() -> str:
     """PTX turning 4 fp8 e4m3 codes (one register) into 4 fp16 values with the hardware's exact
     paired conversion (sm_89+): the true values, so the float decode factor is 1."""
