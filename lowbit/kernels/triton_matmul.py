@@ -2,8 +2,8 @@
 
 Both read the ``tiled-planes-v4`` layout (see :mod:`lowbit.pack`): a weight tile of ``BLOCK_N``
 rows x 128 stored columns is one ``[BLOCK_N, D]`` word tile per bit segment (contiguous per
-16-row block; :func:`_load_words`); plane ``j`` (D consecutive k) is decoded to fp16/bf16 by the inline-PTX decoders
-of :mod:`.decoders` on a GPU (plain Triton in the interpreter: :func:`_extract_codes`,
+16-row block; :func:`_load_words`); plane ``j`` (D consecutive k) is decoded to fp16/bf16 by the
+inline-PTX decoders of :mod:`.decoders` on a GPU (plain Triton in the interpreter: :func:`_extract_codes`,
 :func:`_decode`), with bit tricks and no int-to-float conversion, and fed to ``tl.dot``. Scales
 multiply the fp32 partial product of a group's planes (or each weight, for groups shallower
 than a plane); zero points come off the partial product through the sums of x. 2:4 sparse
@@ -96,6 +96,22 @@ def _scale_values(scales_ptr, zeros_ptr, g, n_groups, rows, row_mask, N, SYMMETR
     else:
         z = tl.load(zeros_ptr + g * N + rows, mask=row_mask, other=0).to(tl.int32)
     return s, z
+
+
+@triton.jit
+def _group_of(rk, GROUP_SIZE: tl.constexpr):
+    """Scale group(s) ``[1, D]`` of input columns ``rk`` (0 for per-channel scales)."""
+    if GROUP_SIZE == -1:
+        return tl.zeros_like(rk)[None, :]
+    return (rk // GROUP_SIZE)[None, :]
+
+
+@triton.jit
+def _sparse_columns(k0, rp):
+    """Dense input columns of a 2:4 plane starting at ``k0`` for its stored columns ``rp``: the first
+    column of each stored value's group, and the columns of its dense pair 0-1 (pair 2-3: + 2)."""
+    group = k0 + 4 * (rp // 2)
+    return group, group + rp % 2
 
 
 @triton.jit
@@ -304,11 +320,11 @@ def lowbit_matmul_kernel(
                         xsum = xs_groups[j // PLANES_PER_GROUP]
             if ELEMENT_SCALE:  # several groups in a plane: per-element scales
                 if SPARSE:  # zero points meet the kept values before expansion: by stored column
-                    _, z_tile = _scale_values(scales_ptr, zeros_ptr, ((k0 + 4 * (rp // 2)) // GROUP_SIZE)[None, :],
+                    _, z_tile = _scale_values(scales_ptr, zeros_ptr, _group_of(_sparse_columns(k0, rp)[0], GROUP_SIZE),
                                               n_groups, rn[:, None], n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET,
                                               FLOAT_FACTOR)
                 else:
-                    s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, ((k0 + rd) // GROUP_SIZE)[None, :], n_groups,
+                    s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, _group_of(k0 + rd, GROUP_SIZE), n_groups,
                                                    rn[:, None], n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET,
                                                    FLOAT_FACTOR)
             if SPARSE:
@@ -319,11 +335,11 @@ def lowbit_matmul_kernel(
                     w, w_g1 = _expand_2of4(_decode(code >> 2, z_tile, COMPUTE, IS_FLOAT, BITS, MAN_BITS), code & 3,
                                              BLOCK_N, PD)
                 # w: the dense pairs 0-1 of the plane's groups (dense k 4g, 4g+1), w_g1: the pairs 2-3
-                rk = k0 + 4 * (rp // 2) + rp % 2
+                _, rk = _sparse_columns(k0, rp)
                 if ELEMENT_SCALE:
-                    s_tile, _ = _scale_values(scales_ptr, zeros_ptr, (rk // GROUP_SIZE)[None, :], n_groups,
+                    s_tile, _ = _scale_values(scales_ptr, zeros_ptr, _group_of(rk, GROUP_SIZE), n_groups,
                                               rn[:, None], n_mask[:, None], N, True, SCALE_MX, OFFSET, FLOAT_FACTOR)
-                    s_g1, _ = _scale_values(scales_ptr, zeros_ptr, ((rk + 2) // GROUP_SIZE)[None, :], n_groups,
+                    s_g1, _ = _scale_values(scales_ptr, zeros_ptr, _group_of(rk + 2, GROUP_SIZE), n_groups,
                                             rn[:, None], n_mask[:, None], N, True, SCALE_MX, OFFSET, FLOAT_FACTOR)
                 else:
                     s_g1 = s_tile
@@ -428,11 +444,11 @@ def lowbit_dequant_kernel(
         k0 = t * KT + j * DPD
         code = _extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2)
         if SPARSE:  # code = value << 2 | case; a kept value's zero point is its dense column's group's
-            _, z = _scale_values(scales_ptr, zeros_ptr, _group_of(k0 + 4 * (rp // 2), GROUP_SIZE), n_groups,
+            group, rk = _sparse_columns(k0, rp)
+            _, z = _scale_values(scales_ptr, zeros_ptr, _group_of(group, GROUP_SIZE), n_groups,
                                  rn[:, None], n_mask[:, None], N, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR)
             pairs01, pairs23 = _expand_2of4(_decode(code >> 2, z, COMPUTE, IS_FLOAT, BITS, MAN_BITS), code & 3,
                                             BLOCK_N, PD)
-            rk = k0 + 4 * (rp // 2) + rp % 2
             _store_dequantized(pairs01, rk, scales_ptr, zeros_ptr, out_ptr, rn, n_mask, N, K, n_groups, SCALE_MX,
                                OFFSET, FLOAT_FACTOR, GROUP_SIZE, COMPUTE)
             _store_dequantized(pairs23, rk + 2, scales_ptr, zeros_ptr, out_ptr, rn, n_mask, N, K, n_groups, SCALE_MX,
@@ -449,14 +465,6 @@ def lowbit_dequant_kernel(
             w = (_decode(code, z, COMPUTE, IS_FLOAT, BITS, MAN_BITS).to(tl.float32) * s).to(COMPUTE)
             rk = k0 + rp
             tl.store(out_ptr + rn[:, None] * K + rk[None, :], w, mask=n_mask[:, None] & (rk[None, :] < K))
-
-
-@triton.jit
-def _group_of(rk, GROUP_SIZE: tl.constexpr):
-    """Scale group(s) ``[1, D]`` of input columns ``rk`` (0 for per-channel scales)."""
-    if GROUP_SIZE == -1:
-        return tl.zeros_like(rk)[None, :]
-    return (rk // GROUP_SIZE)[None, :]
 
 
 @triton.jit
