@@ -121,15 +121,6 @@ def _recode_positions(c: torch.Tensor, inverse: bool) -> torch.Tensor:
     return ((pairs & ~3) | torch.stack([first, second], dim=-1)).view_as(c)
 
 
-def _check_pairs(codes: torch.Tensor) -> None:
-    """2:4 codes come in pairs of stored columns whose positions ascend (p0 < p1)."""
-    if codes.shape[1] % 2:
-        raise ValueError(f"pack_codes(sparse=True): 2:4 codes come two per group, got {codes.shape[1]} columns")
-    positions = (codes.to(torch.int64) & 3).view(codes.shape[0], -1, 2)
-    if (positions[..., 0] >= positions[..., 1]).any():
-        raise ValueError("pack_codes(sparse=True): the two positions of every group must ascend (p0 < p1)")
-
-
 def code_dtype(bits: int) -> torch.dtype:
     """dtype of unpacked ``bits``-bit codes: uint8 up to 8 bits, int16 above."""
     return torch.uint8 if bits <= 8 else torch.int16
@@ -149,8 +140,12 @@ def pack_codes(codes: torch.Tensor, bits: int, *, sparse: bool = False) -> tuple
         raise ValueError(f"pack_codes: code {int(codes.max())} is out of range for {bits}-bit codes "
                          f"(0..{(1 << bits) - 1})")
     n, k = codes.shape
-    if sparse:
-        _check_pairs(codes)
+    if sparse:  # two stored columns per group, positions ascending (recoding others would corrupt values)
+        from ..sparsity import check_positions  # (lowbit.sparsity builds on this module)
+
+        if codes.shape[1] % 2:
+            raise ValueError(f"pack_codes(sparse=True): 2:4 codes come two per group, got {codes.shape[1]} columns")
+        check_positions(codes.to(torch.int64) & 3)
     kp = padded_k(k)
     c = torch.zeros(n, kp, dtype=torch.int64, device=codes.device)
     c[:, :k] = codes
