@@ -24,6 +24,12 @@ LAYER_SETS = {
 }
 
 
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    """``|y - reference| / |reference|`` (Frobenius), in float32: how the benchmark and the tuner
+    check a kernel's output against ``x @ dequantize().T``."""
+    return float((y.float() - reference).norm() / reference.norm())
+
+
 def random_qweight(scheme, n: int, k: int, dtype: torch.dtype, device) -> QuantizedWeight:
     """A QuantizedWeight with uniformly random codes and realistic random scales (no quantizer run),
     built directly on ``device``: what a benchmark needs, fast even for 70B-sized layers."""

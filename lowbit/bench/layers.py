@@ -20,7 +20,7 @@ from triton.errors import TritonError
 from ..kernels import dispatch
 from ..scheme import Scheme
 from .common import LAYER_SETS, clone_qweight, copies_for, copy_bandwidth_gbs, graph_time_us, random_qweight, \
-    run_metadata
+    relative_error, run_metadata
 
 DEFAULT_BATCHES = [1, 8, 16, 32, 64, 128, 256, 512, 1024]
 DEFAULT_SCHEMES = ["int4-g128", "int8-channel"]
@@ -46,9 +46,7 @@ def _lowbit_us(qw, m: int, device, replays: int, config=None) -> float:
 def _check(qw, device) -> float:
     """Relative error of the dispatched kernel vs the exact reference at M=16 (guards the numbers)."""
     x = torch.randn(16, qw.in_features, dtype=qw.dtype, device=device)
-    ref = x.float() @ qw.dequantize(torch.float32).T
-    y = dispatch.matmul(x, qw, None).float()
-    return float((y - ref).norm() / ref.norm())
+    return relative_error(dispatch.matmul(x, qw, None), x.float() @ qw.dequantize(torch.float32).T)
 
 
 def _torch_int4_us(k: int, n: int, m: int, device, replays: int) -> float | None:

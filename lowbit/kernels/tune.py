@@ -19,7 +19,8 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from ..scheme import Scheme
-from ..bench.common import LAYER_SETS, clone_qweight, copies_for, graph_time_us, random_qweight, run_metadata
+from ..bench.common import (LAYER_SETS, clone_qweight, copies_for, graph_time_us, random_qweight, relative_error,
+                            run_metadata)
 from . import dispatch
 from .dispatch import KernelConfig
 
@@ -72,8 +73,7 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
         """Microseconds of ``cfg``; inf unless it runs here and its output is right."""
         us = _time(qws, x, cfg, replays)
         if us != float("inf"):
-            out = dispatch.matmul(x, qw, None, config=cfg).float()
-            err = float((out - reference).norm() / reference.norm())
+            err = relative_error(dispatch.matmul(x, qw, None, config=cfg), reference)
             if not err < 1e-2:
                 print(f"    {cfg}: relative error {err:.2e}, not a candidate")
                 return float("inf")
