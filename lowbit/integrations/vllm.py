@@ -32,7 +32,7 @@ import functools
 import torch
 
 from .. import pack as _pack
-from ..qweight import QuantizedWeight
+from ..qweight import QuantizedWeight, packed_layout
 from ..scheme import Scheme
 
 __all__ = ["register", "QUANT_METHOD", "SHARD_DIMS", "column_shard", "row_shard", "fuse_columns",
@@ -231,10 +231,9 @@ def _vllm_classes():
             repack = not row_shards_are_word_slices(input_size, tp_size)
             layer.lowbit_loaded_input = (input_size, layer.tp_rank * k) if repack else (k, 0)  # (columns, offset)
             layer.lowbit_out_features, layer.lowbit_in_features = n, k
-            bits = self.scheme.bits
-            for name, s in zip(self.packed_names, _pack.SEGMENTS[bits]):
-                data = torch.empty(_pack.segment_shape(n, input_size if repack else k, bits, s),
-                                   dtype=_pack.segment_dtype(bits, s))
+            for name, (shape, packed_dtype) in zip(self.packed_names,
+                                                   packed_layout(self.scheme, n, input_size if repack else k)):
+                data = torch.empty(shape, dtype=packed_dtype)
                 out_dim, in_dim = SHARD_DIMS["packed"]
                 # packed_factor: vLLM's row offsets of fused parts become offsets in row blocks.
                 layer.register_parameter(name, BasevLLMParameter(data=data, weight_loader=weight_loader) if repack else
