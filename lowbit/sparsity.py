@@ -5,8 +5,8 @@ columns to :func:`padded_columns`); every group keeps exactly ``KEEP = 2`` entri
 ``p_0 < p_1`` (0..3), and the others are zero. Compressed column ``c = 2*j + s`` holds the kept entry
 of group ``j`` at position ``p_s``, stored as the code ``(value_code << 2) | p_s`` (:func:`merge_codes`):
 :func:`stored_columns` columns of ``bits + 2``-bit codes, packed by ``lowbit.pack.pack_codes(...,
-sparse=True)``, which recodes the positions as the cases the sparse kernels read. A group with fewer than two non-zero entries still
-names two distinct positions (a kept entry may be zero).
+sparse=True)``, which recodes the positions as the cases the sparse kernels read. A group with
+fewer than two non-zero entries still names two distinct positions (a kept entry may be zero).
 """
 
 from __future__ import annotations
