@@ -50,6 +50,7 @@ def test_replot_draws_and_prints_an_earlier_run_without_measuring(tmp_path, caps
     layers_json.write_text(json.dumps({"kind": "layers"}))
     with pytest.raises(SystemExit):
         e2e.main(["--replot", str(layers_json)])
+    assert "expected a `lowbit bench e2e` result, found kind 'layers'" in capsys.readouterr().err
 
 
 def test_layers_replot_prints_the_table_of_its_json(tmp_path, capsys):
@@ -65,6 +66,13 @@ def test_layers_replot_prints_the_table_of_its_json(tmp_path, capsys):
     assert layers.main(["--replot", str(path), "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "test GPU" in out and "2.50" in out.split("int4-g128")[-1] and png.stat().st_size > 0
+    (tmp_path / "e2e.json").write_text(json.dumps({"kind": "e2e"}))
+    (tmp_path / "broken.json").write_text("{")
+    for wrong, message in [("e2e.json", "expected a `lowbit bench layers` result, found kind 'e2e'"),
+                           ("broken.json", "not a readable benchmark JSON"), ("missing.json", "not a readable")]:
+        with pytest.raises(SystemExit):
+            layers.main(["--replot", str(tmp_path / wrong)])
+        assert message in capsys.readouterr().err
 
 
 def test_out_of_memory_is_recorded_and_leaves_baseline_null(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import statistics
@@ -22,6 +23,19 @@ LAYER_SETS = {
     "llama2-7b": [("qkv", 4096, 12288), ("o", 4096, 4096), ("gate_up", 4096, 22016), ("down", 11008, 4096)],
     "llama2-70b": [("qkv", 8192, 10240), ("o", 8192, 8192), ("gate_up", 8192, 57344), ("down", 28672, 8192)],
 }
+
+
+def load_result(path: Path, kind: str) -> dict:
+    """A benchmark result written with ``--json`` (``"kind": kind``); ValueError naming the file if it
+    cannot be read, is not JSON, or is another kind of result."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable benchmark JSON ({e})") from None
+    found = result.get("kind") if isinstance(result, dict) else None
+    if found != kind:
+        raise ValueError(f"{path}: expected a `lowbit bench {kind}` result, found kind {found!r}")
+    return result
 
 
 def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:

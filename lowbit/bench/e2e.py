@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from ..nn import QuantLinear
 from ..scheme import Scheme
-from .common import random_qweight, run_metadata
+from .common import load_result, random_qweight, run_metadata
 
 DENSE = "fp16"
 DEFAULT_SCHEMES = [DENSE, "int4-g128", "fp6_e3m2-channel"]
@@ -292,10 +292,11 @@ def main(argv=None) -> int:
     p.add_argument("--replot", type=Path, metavar="JSON",
                    help="no measurement: print the table of an earlier run's JSON (and draw --plot)")
     a = p.parse_args(argv)
-    if a.replot:
-        result = json.loads(a.replot.read_text())
-        if result.get("kind") != "e2e":
-            p.error(f"{a.replot}: not a `lowbit bench e2e` result (kind {result.get('kind')!r})")
+    if a.replot:  # a result, no measurement
+        try:
+            result = load_result(a.replot, "e2e")
+        except ValueError as e:
+            p.error(str(e))
         if a.plot:
             plot(result, a.plot)
         print(format_table(result))

@@ -20,7 +20,7 @@ from triton.errors import TritonError
 from ..kernels import dispatch
 from ..scheme import Scheme
 from .common import LAYER_SETS, clone_qweight, copies_for, copy_bandwidth_gbs, graph_time_us, random_qweight, \
-    relative_error, run_metadata
+    load_result, relative_error, run_metadata
 
 DEFAULT_BATCHES = [1, 8, 16, 32, 64, 128, 256, 512, 1024]
 DEFAULT_SCHEMES = ["int4-g128", "int8-channel"]
@@ -184,8 +184,15 @@ def main(argv=None) -> int:
                    help="no measurement: print the table of an earlier run's JSON (and draw --plot), e.g. on a machine "
                         "without a GPU")
     a = p.parse_args(argv)
-    if a.replot:
-        return _replot(a.replot, a.plot)
+    if a.replot:  # a result, no measurement
+        try:
+            result = load_result(a.replot, "layers")
+        except ValueError as e:
+            p.error(str(e))
+        if a.plot:
+            plot(result, a.plot)
+        print(format_table(result))
+        return 0
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     for s in a.schemes:
@@ -206,16 +213,6 @@ def main(argv=None) -> int:
         a.json.write_text(json.dumps(result, indent=1))
     if a.plot:
         plot(result, a.plot)
-    print(format_table(result))
-    return 0
-
-
-def _replot(source: Path, plot_path: Path | None) -> int:
-    result = json.loads(source.read_text())
-    if result.get("kind") != "layers":
-        raise SystemExit(f"{source}: not a `lowbit bench layers` result (kind {result.get('kind')!r})")
-    if plot_path:
-        plot(result, plot_path)
     print(format_table(result))
     return 0
 
