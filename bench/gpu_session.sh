@@ -7,7 +7,8 @@
 # expression, "none" to skip), XDIST (pytest-xdist workers: compilation
 # dominates the GPU tests), TUNE_ARGS (arguments of `lowbit tune`, empty to skip), BENCH_ARGS
 # (';'-separated argument lists of `lowbit bench layers`, one run each, "none" to skip), E2E_ARGS
-# (arguments of `lowbit bench e2e`, empty to skip), *_TIMEOUT (seconds per step), LOWBIT_COMMIT (set
+# (arguments of `lowbit bench e2e`, empty to skip), PROFILES (';'-separated argument lists of
+# bench/profile_e2e.py: kernel time per decode step), *_TIMEOUT (seconds per step), LOWBIT_COMMIT (set
 # it: the lent machine's copy has no git history of its own).
 set -u
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
@@ -53,4 +54,11 @@ fi
 if [ -n "${E2E_ARGS:-}" ]; then
   step "e2e" "${E2E_TIMEOUT:-300}" python3 -m lowbit.bench.e2e $E2E_ARGS --json "$OUT/e2e.json"
   tail -n 12 "$LOG"
+fi
+if [ -n "${PROFILES:-}" ]; then
+  IFS=';' read -ra profile_list <<< "$PROFILES"
+  for p in "${profile_list[@]}"; do
+    step "profile $p" "${PROFILE_TIMEOUT:-240}" python3 bench/profile_e2e.py $p
+  done
+  sed -n '/^## /,/^===/p' "$LOG" | grep -v "^    " | tail -n 40
 fi
