@@ -108,6 +108,15 @@ def test_heuristic_covers_batches():
             assert cfg.block_m >= min(m, 16)
 
 
+def test_heuristic_keeps_narrow_zero_groups_in_16_token_tiles():
+    cpu = torch.device("cpu")  # no tuned table: the heuristic
+    g32 = lowbit.quantize(torch.randn(256, 512), "int4-g32-asym")
+    assert [dispatch.choose_config(m, g32, cpu).block_m for m in (1, 16, 17, 32)] == [16] * 4
+    assert dispatch.choose_config(33, g32, cpu).path == "dequant"
+    g128 = lowbit.quantize(torch.randn(256, 512), "int4-g128-asym")
+    assert dispatch.choose_config(32, g128, cpu).block_m == 32 and dispatch.choose_config(64, g128, cpu).path == "fused"
+
+
 def test_x_sums_blocks():
     x = torch.randn(3, 300, dtype=torch.float16)
     padded = torch.nn.functional.pad(x.float(), (0, 84))  # K padded to whole 128-wide tiles
@@ -209,6 +218,42 @@ def test_gpu_cuda_graph_capture(m, scheme):
     torch.cuda.synchronize()
     assert rel_err(y, reference(x, qw)) < 2e-3
     assert not torch.equal(y, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["int4-g128", "int4-g128-asym", "fp6_e3m2-channel", "int4-g128-2:4"])
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_dependent_launches_read_the_previous_output(scheme, m):
+    """A chain of short split-K matmuls, each reading the one before it (with programmatic dependent
+    launch a kernel starts while the previous one runs, and must wait before reading x or touching
+    the shared split-K counters): eagerly and replayed in a CUDA graph, every link matches the
+    reference on its own input."""
+    assert dispatch.use_pdl(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+    # /45 keeps activations at unit scale down the chain (K = 2048)
+    qws = [lowbit.quantize(torch.randn(2048, 2048, dtype=torch.float16, device="cuda") / 45, scheme) for _ in range(6)]
+    cfg = KernelConfig(block_n=128, block_m=16, split_k=8, num_stages=3)
+
+    def chain(x):
+        outs = [x]
+        for qw in qws:
+            outs.append(dispatch.fused_matmul(outs[-1], qw, None, cfg))
+        return outs
+
+    def check(outs):
+        for i, qw in enumerate(qws):
+            err = rel_err(outs[i + 1], reference(outs[i], qw))
+            assert err < 2e-3, f"link {i}: relative error {err:.2e}"
+
+    x = torch.randn(m, 2048, dtype=torch.float16, device="cuda")
+    check(chain(x))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain(x)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(outs)
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ calls cuBLAS (``path == "dequant"``), whichever the table measured faster.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -143,12 +144,13 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
     counters = _counters(x.device, grid_mn) if split > 1 else out
     sums = x_sums(x, qw, per_split * dense_tile)
     segs, strides = _segment_args(qw)
+    pdl = use_pdl(x.device)
     lowbit_matmul_kernel[(grid_mn, split)](
         x, *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, bias if bias is not None else out,
         out, partial, counters, out if sums is None else sums, m, n, k, x.stride(0), out.stride(0), *strides,
         0 if sums is None else sums.stride(0), per_split, qw.num_groups, split, HAS_X_SUMS=sums is not None,
         HAS_BIAS=bias is not None, EVEN_K=k % dense_tile == 0, SPARSE=qw.scheme.sparsity is not None,
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab, PDL=pdl, launch_pdl=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **{**_scheme_constants(qw, x.dtype), **_fast_path_constants(qw, x.dtype, x.device)})
     return out
@@ -189,6 +191,15 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype, block_n: int = 64) -> to
 
 
 @lru_cache(maxsize=None)
+def use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch of the fused kernel (Hopper and later; ``LOWBIT_PDL=0`` turns it
+    off): each launch may start while the previous kernel finishes, its first weight tiles read
+    into L2 meanwhile. The interpreter and older GPUs launch plainly."""
+    return device.type == "cuda" and os.environ.get("LOWBIT_PDL", "1") != "0" and \
+        torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -203,7 +214,7 @@ def _num_sms(device: torch.device) -> int:
 PREFILL_FUSED = KernelConfig(block_n=256, block_m=64, split_k=1, swap_ab=True, num_warps=8, num_stages=3)
 
 
-def heuristic_config(m: int, n: int, k: int, bits: int, sms: int) -> KernelConfig:
+def heuristic_config(m: int, n: int, k: int, bits: int, sms: int, narrow_zero_groups: bool = False) -> KernelConfig:
     """A config from what tuning found on Hopper (used where no tuned entry exists).
 
     Up to 128 tokens, weights as the wide operand (swap A/B): up to 32 tokens 128-row tiles and 4
@@ -211,14 +222,16 @@ def heuristic_config(m: int, n: int, k: int, bits: int, sms: int) -> KernelConfi
     flight hide more of it); larger batches 64-row by 64-token tiles, about 2 programs per SM. Past
     128 tokens: dequantize once and call cuBLAS (measured on the 70B layers at 256 tokens: 0.4-0.5x
     of cuBLAS alone, against 0.3-0.5x for :data:`PREFILL_FUSED`, except int4-g128, whose tuned
-    entries run it at 0.74x).
+    entries run it at 0.74x). Zero points with groups of 32 or fewer (``narrow_zero_groups``: four
+    groups' scales, zeros and sums of x per tile) only fit registers with 16-token tiles (32 spilled:
+    0.29x at M=32, against 0.97x at 16), so past 32 tokens they dequantize.
     """
-    if m > 128:
+    if m > (32 if narrow_zero_groups else 128):
         return KernelConfig(path="dequant")
     k_tiles = triton.cdiv(k, _pack.TILE_K)
     small = m <= 32
     block_n = 128 if small else 64
-    block_m = max(16, triton.next_power_of_2(m)) if small else 64
+    block_m = max(16, triton.next_power_of_2(m)) if small and not narrow_zero_groups else 16 if small else 64
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     target = (12 if small else 2) * sms
     split = 1
@@ -257,8 +270,9 @@ def choose_config(m: int, qw: QuantizedWeight, device: torch.device) -> KernelCo
 def _choose(slug: str, key: tuple, sparse: bool, sms: int) -> KernelConfig:
     want = dict(key)
     m, n, k, bits = want.pop("m"), want["n"], want["k"], want["bits"]
+    narrow_zero_groups = not want["symmetric"] and 0 < want["group_size"] <= 32
     if sparse:  # no tuned entries for 2:4 weights yet (their k-tiles are 256 deep)
-        return heuristic_config(m, n, k // 2, bits, sms)
+        return heuristic_config(m, n, k // 2, bits, sms, narrow_zero_groups)
     entries = [(e, cfg) for e, cfg in tuned_table(slug) if all(e.get(name) == value for name, value in want.items())]
     above = [e for e in entries if e[0]["m"] >= m]
     if above:  # the tuned entry of the smallest batch bucket >= m
@@ -267,7 +281,7 @@ def _choose(slug: str, key: tuple, sparse: bool, sms: int) -> KernelConfig:
         if cfg.path == "fused" and cfg.swap_ab and cfg.block_m > fit:
             cfg = KernelConfig(**{**asdict(cfg), "block_m": fit})
         return cfg
-    return heuristic_config(m, n, k, bits, sms)
+    return heuristic_config(m, n, k, bits, sms, narrow_zero_groups)
 
 
 def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, force_triton: bool = False,
