@@ -75,6 +75,17 @@ def test_layers_replot_prints_the_table_of_its_json(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_layers_table_roofline_uses_the_read_bandwidth_when_measured():
+    from lowbit.bench import layers
+
+    block = {"layer_set": "llama2-7b", "scheme": "int4-g128", "dtype": "float16", "M": 1, "us": 10.0,
+             "baseline_us": 25.0, "speedup": 2.5, "roofline_frac": 0.5, "read_roofline_frac": 0.4}
+    old = {"kind": "layers", "gpu": "g", "commit": "abc", "copy_bandwidth_gbs": 1000.0, "blocks": [block]}
+    assert layers.format_table(old).splitlines()[-1].endswith("50%")
+    new = layers.format_table({**old, "read_bandwidth_gbs": 1250.0})
+    assert "read bandwidth 1250 GB/s" in new and new.splitlines()[-1].endswith("40%")
+
+
 def test_out_of_memory_is_recorded_and_leaves_baseline_null(monkeypatch):
     build = e2e.build_model
 

@@ -114,6 +114,18 @@ def copy_bandwidth_gbs(device, nbytes: int = 1 << 30) -> float:
     return 2 * a.numel() * a.element_size() / us / 1e3
 
 
+def read_bandwidth_gbs(device, nbytes: int = 1 << 30) -> float:
+    """Measured read bandwidth, the roofline of a kernel that reads its weights once and writes
+    almost nothing: the faster of a sum over ``nbytes`` and cuBLAS's product of one fp16 row with a
+    ``nbytes`` matrix (both read-only; a copy also writes, so its rate understates this one)."""
+    a = torch.randn(nbytes // 2, dtype=torch.float16, device=device)
+    sum_us = graph_time_us([lambda: a.sum(dtype=torch.float32)], replays=20, min_calls=4)
+    w = a.view(16384, -1)
+    x = torch.randn(1, w.shape[1], dtype=torch.float16, device=device)
+    gemv_us = graph_time_us([lambda: x @ w.T], replays=20, min_calls=4)
+    return nbytes / min(sum_us, gemv_us) / 1e3
+
+
 def run_metadata(device) -> dict:
     commit = os.environ.get("LOWBIT_COMMIT")  # where the tree runs without its git history (a lent GPU)
     try:

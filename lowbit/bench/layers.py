@@ -20,6 +20,7 @@ from triton.errors import TritonError
 from ..kernels import dispatch
 from ..scheme import Scheme
 from .common import LAYER_SETS, clone_qweight, copies_for, copy_bandwidth_gbs, graph_time_us, random_qweight, \
+    read_bandwidth_gbs, \
     load_result, relative_error, run_metadata
 
 DEFAULT_BATCHES = [1, 8, 16, 32, 64, 128, 256, 512, 1024]
@@ -67,7 +68,7 @@ def _torch_int4_us(k: int, n: int, m: int, device, replays: int) -> float | None
 def run(layer_sets, schemes, batches, dtypes, replays=25, peers=True, device="cuda", progress=print) -> dict:
     device = torch.device(device)
     meta = run_metadata(device)
-    bw = copy_bandwidth_gbs(device)
+    bw, read_bw = copy_bandwidth_gbs(device), read_bandwidth_gbs(device)
     rows, blocks, errors = [], [], []
     for set_name in layer_sets:
         layers = LAYER_SETS[set_name]
@@ -92,11 +93,13 @@ def run(layer_sets, schemes, batches, dtypes, replays=25, peers=True, device="cu
                 for m, (us, b, wb) in per_m.items():
                     if us:
                         blocks.append({"layer_set": set_name, "scheme": scheme, "dtype": dname, "M": m, "us": us,
-                                       "baseline_us": b, "speedup": b / us, "roofline_frac": wb / us / 1e3 / bw})
+                                       "baseline_us": b, "speedup": b / us, "roofline_frac": wb / us / 1e3 / bw,
+                                       "read_roofline_frac": wb / us / 1e3 / read_bw})
                 progress(f"{set_name} {dname} {scheme}: " + " ".join(
                     f"M{m}={per_m[m][1] / per_m[m][0]:.2f}x" for m in batches if per_m[m][0]))
             torch.cuda.empty_cache()
-    return {**meta, "kind": "layers", "copy_bandwidth_gbs": bw, "rows": rows, "blocks": blocks, "errors": errors}
+    return {**meta, "kind": "layers", "copy_bandwidth_gbs": bw, "read_bandwidth_gbs": read_bw, "rows": rows,
+            "blocks": blocks, "errors": errors}
 
 
 def _bench_scheme(scheme, set_name, layers, batches, base, peer_rows, dname, dtype, device, replays, rows) -> dict:
@@ -126,7 +129,11 @@ def _bench_scheme(scheme, set_name, layers, batches, base, peer_rows, dname, dty
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{result['gpu']}  copy bandwidth {result['copy_bandwidth_gbs']:.0f} GB/s  commit {result['commit']}"]
+    # roof@1: weight bytes over time at M=1 against the read bandwidth (runs before it was measured:
+    # against the copy bandwidth, which counts read and written bytes)
+    read = "read_bandwidth_gbs" in result
+    lines = [f"{result['gpu']}  copy bandwidth {result['copy_bandwidth_gbs']:.0f} GB/s  " +
+             (f"read bandwidth {result['read_bandwidth_gbs']:.0f} GB/s  " if read else "") + f"commit {result['commit']}"]
     blocks = result["blocks"]
     batches = sorted({b["M"] for b in blocks})
     for set_name in dict.fromkeys(b["layer_set"] for b in blocks):
@@ -138,7 +145,7 @@ def format_table(result: dict) -> str:
             lines.append(f"{'scheme':26s}" + "".join(f"{'M=' + str(m):>8s}" for m in batches) + f"{'roof@1':>8s}")
             for scheme in dict.fromkeys(b["scheme"] for b in sel):
                 by_m = {b["M"]: b for b in sel if b["scheme"] == scheme}
-                roof = by_m[1]["roofline_frac"] if 1 in by_m else float("nan")
+                roof = by_m[1]["read_roofline_frac" if read else "roofline_frac"] if 1 in by_m else float("nan")
                 lines.append(f"{scheme:26s}" + "".join(
                     f"{by_m[m]['speedup']:8.2f}" if m in by_m else f"{'-':>8s}" for m in batches) + f"{roof:8.0%}")
     return "\n".join(lines)
