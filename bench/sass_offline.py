@@ -3,7 +3,7 @@ ptxas and cuobjdump) and count the SASS instructions that matter: no device time
 whether the matrix instructions are wgmma or mma.sync, whether the activation loads are
 asynchronous, how many decode instructions the loop holds, and its registers per thread (occupancy).
 
-    python bench/sass_offline.py SCHEME BLOCK_N BLOCK_M SWAP_AB NUM_WARPS NUM_STAGES [PDL (1)]
+    python bench/sass_offline.py SCHEME BLOCK_N BLOCK_M SWAP_AB NUM_WARPS NUM_STAGES
 """
 import collections
 import re
@@ -21,12 +21,11 @@ from lowbit.kernels.dispatch import _fast_path_constants, _scheme_constants, x_s
 from lowbit.kernels.triton_matmul import lowbit_matmul_kernel
 
 scheme, block_n, block_m, swap, warps, stages = sys.argv[1], *map(int, sys.argv[2:7])
-pdl = len(sys.argv) < 8 or sys.argv[7] != "0"
 qw = random_qweight(scheme, 256, 1024, torch.float16, "cpu")
 consts = {**_scheme_constants(qw, torch.float16), **_fast_path_constants(qw, torch.float16, torch.device("cuda")),
           "HAS_BIAS": False, "EVEN_K": True, "SPARSE": qw.scheme.sparsity is not None, "BLOCK_N": block_n,
           "HAS_X_SUMS": x_sums(torch.zeros(1, 1024, dtype=torch.float16), qw, 128) is not None,
-          "BLOCK_M": block_m, "SWAP_AB": bool(swap), "PDL": pdl}
+          "BLOCK_M": block_m, "SWAP_AB": bool(swap)}
 names = lowbit_matmul_kernel.arg_names
 TYPES = {torch.uint8: "*u8", torch.int16: "*i16", torch.int32: "*i32", torch.float16: "*fp16", torch.float32: "*fp32"}
 segs = list(qw.packed) + [qw.packed[0]] * (3 - len(qw.packed))  # as dispatch passes them
@@ -39,8 +38,7 @@ divisible = [a for a in names if a not in consts and a not in ("split_k", "k_til
 source = ASTSource(fn=lowbit_matmul_kernel, signature=signature,
                    constexprs={(names.index(k),): v for k, v in consts.items()},
                    attrs={(names.index(a),): [["tt.divisibility", 16]] for a in divisible})
-kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages,
-                                                                              "launch_pdl": pdl})
+kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 cubin = Path("/tmp/lowbit_kernel.cubin")
 cubin.write_bytes(kernel.asm["cubin"])
 cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"

@@ -223,12 +223,9 @@ def test_gpu_cuda_graph_capture(m, scheme):
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", ["int4-g128", "int4-g128-asym", "fp6_e3m2-channel", "int4-g128-2:4"])
 @pytest.mark.parametrize("m", [1, 16])
-def test_gpu_dependent_launches_read_the_previous_output(scheme, m):
-    """A chain of short split-K matmuls, each reading the one before it (with programmatic dependent
-    launch a kernel starts while the previous one runs, and must wait before reading x or touching
-    the shared split-K counters): eagerly and replayed in a CUDA graph, every link matches the
-    reference on its own input."""
-    assert dispatch.use_pdl(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+def test_gpu_chained_split_k_matmuls(scheme, m):
+    """A chain of short split-K matmuls, each reading the one before it and all sharing the split-K
+    counters: eagerly and replayed in a CUDA graph, every link matches the reference on its own input."""
     # /45 keeps activations at unit scale down the chain (K = 2048)
     qws = [lowbit.quantize(torch.randn(2048, 2048, dtype=torch.float16, device="cuda") / 45, scheme) for _ in range(6)]
     cfg = KernelConfig(block_n=128, block_m=16, split_k=8, num_stages=3)

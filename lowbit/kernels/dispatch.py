@@ -14,7 +14,6 @@ calls cuBLAS (``path == "dequant"``), whichever the table measured faster.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -144,13 +143,12 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
     counters = _counters(x.device, grid_mn) if split > 1 else out
     sums = x_sums(x, qw, per_split * dense_tile)
     segs, strides = _segment_args(qw)
-    pdl = use_pdl(x.device)
     lowbit_matmul_kernel[(grid_mn, split)](
         x, *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, bias if bias is not None else out,
         out, partial, counters, out if sums is None else sums, m, n, k, x.stride(0), out.stride(0), *strides,
         0 if sums is None else sums.stride(0), per_split, qw.num_groups, split, HAS_X_SUMS=sums is not None,
         HAS_BIAS=bias is not None, EVEN_K=k % dense_tile == 0, SPARSE=qw.scheme.sparsity is not None,
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab, PDL=pdl, launch_pdl=pdl,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **{**_scheme_constants(qw, x.dtype), **_fast_path_constants(qw, x.dtype, x.device)})
     return out
@@ -188,15 +186,6 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype, block_n: int = 64) -> to
         *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, out, n, k, *strides, qw.num_groups,
         SPARSE=qw.scheme.sparsity is not None, BLOCK_N=block_n, num_warps=4, **_scheme_constants(qw, dtype))
     return out
-
-
-@lru_cache(maxsize=None)
-def use_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch of the fused kernel (Hopper and later; ``LOWBIT_PDL=0`` turns it
-    off): each launch may start while the previous kernel finishes, its first weight tiles read
-    into L2 meanwhile. The interpreter and older GPUs launch plainly."""
-    return device.type == "cuda" and os.environ.get("LOWBIT_PDL", "1") != "0" and \
-        torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @lru_cache(maxsize=None)

@@ -46,22 +46,6 @@ def _load_words(ptr, rn, t, stride, n_mask, SEG: tl.constexpr, PD: tl.constexpr,
 
 
 @triton.jit
-def _prefetch_tiles_l2(ptr, pid_n, t, t_last, stride, N, SEG: tl.constexpr, ROW_BLOCK: tl.constexpr,
-                       BLOCK_N: tl.constexpr, TILES: tl.constexpr):
-    """Asks L2 for k-tiles ``t .. t+TILES-1`` (at most ``t_last``) of a segment's rows of this program,
-    one 128-byte line per element (a row block's tile of a segment is contiguous); the addresses stay
-    inside the tensor."""
-    LINES: tl.constexpr = ROW_BLOCK * SEG // 8  # 128-byte lines per row block and tile (128 k per row)
-    WORDS_PER_LINE: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth
-    rb = tl.minimum(pid_n * (BLOCK_N // ROW_BLOCK) + tl.arange(0, BLOCK_N // ROW_BLOCK), tl.cdiv(N, ROW_BLOCK) - 1)
-    i = tl.arange(0, TILES * LINES)
-    tile = tl.minimum(t + i // LINES, t_last)
-    off = rb[:, None] * stride + (tile * LINES + i % LINES)[None, :] * WORDS_PER_LINE
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptr + off], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _extract_codes(w0, w1, w2, j: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr):
     """Codes of plane ``j`` from the word tiles of up to three segments (most significant first)."""
     code = (w0.to(tl.int32) >> (j * SEG0)) & ((1 << SEG0) - 1)
@@ -238,10 +222,9 @@ def lowbit_matmul_kernel(
     HAS_X_SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, ASM4: tl.constexpr, ASM8: tl.constexpr,
     ASMP: tl.constexpr, ASMP_REGS: tl.constexpr, SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr,
     ROW_BLOCK: tl.constexpr,
-    SPARSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr, PDL: tl.constexpr,
+    SPARSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     TILE_K: tl.constexpr = 128
-    PDL_TILES: tl.constexpr = 2  # k-tiles per program asked of L2 before the wait (PDL)
     NP: tl.constexpr = TILE_K // PD  # planes per tile
     # 2:4 sparse: a tile of 128 stored columns is 256 dense k, a plane of PD stored columns 2*PD.
     KT: tl.constexpr = 2 * TILE_K if SPARSE else TILE_K
@@ -285,33 +268,21 @@ def lowbit_matmul_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    # Programmatic dependent launch: this grid may start while the previous kernel finishes. The weights
-    # and scales do not depend on it: their first tiles are asked for before waiting on it; x, the
-    # sums of x and every store (the split-K partials and counters too) come after the wait.
-    if PDL:
-        _prefetch_tiles_l2(seg0_ptr, pid_n, t_start, t_end - 1, stride_w0, N, SEG0, ROW_BLOCK, BLOCK_N, PDL_TILES)
-        if SEG1 > 0:
-            _prefetch_tiles_l2(seg1_ptr, pid_n, t_start, t_end - 1, stride_w1, N, SEG1, ROW_BLOCK, BLOCK_N, PDL_TILES)
-        if SEG2 > 0:
-            _prefetch_tiles_l2(seg2_ptr, pid_n, t_start, t_end - 1, stride_w2, N, SEG2, ROW_BLOCK, BLOCK_N, PDL_TILES)
+    if ZERO_BY_SUMS:  # sum_k x of the current group (per-channel: of the split's k)
+        if PER_CHANNEL:
+            xsum = _x_sums(xsums_ptr, stride_xs, rm, m_mask, pid_k, SWAP_AB)
+        else:
+            xs_next = _tile_x_sums(xsums_ptr, stride_xs, rm, m_mask, t_start, GROUPS_PER_TILE, SWAP_AB)
     if PER_CHANNEL:
         s_tile, z_tile = _scale_values(scales_ptr, zeros_ptr, 0, n_groups, rn[:, None], n_mask[:, None], N, SYMMETRIC,
                                        SCALE_MX, OFFSET, FLOAT_FACTOR)
+
     # Groups of at least a plane: a tile's group scales (a tuple of [BLOCK_N, 1]) are loaded a tile ahead
     # (the pipeliner only prefetches dot operands; a scale load in the loop stalled every iteration on
     # DRAM latency, ncu).
     if GROUP_SCALE:
         s_next, z_next = _tile_group_scales(scales_ptr, zeros_ptr, t_start, n_groups, rn, n_mask, N, KT,
                                             GROUPS_PER_TILE, SYMMETRIC, SCALE_MX, OFFSET, FLOAT_FACTOR, GROUP_SIZE)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()  # the next grid's programs take SMs as this one's finish
-
-    if ZERO_BY_SUMS:  # sum_k x of the current group (per-channel: of the split's k)
-        if PER_CHANNEL:
-            xsum = _x_sums(xsums_ptr, stride_xs, rm, m_mask, pid_k, SWAP_AB)
-        else:
-            xs_next = _tile_x_sums(xsums_ptr, stride_xs, rm, m_mask, t_start, GROUPS_PER_TILE, SWAP_AB)
     for t in range(t_start, t_end):
         if GROUP_SCALE:
             s_groups, z_groups = s_next, z_next
