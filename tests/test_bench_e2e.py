@@ -89,10 +89,10 @@ def test_layers_table_roofline_uses_the_read_bandwidth_when_measured():
 def test_out_of_memory_is_recorded_and_leaves_baseline_null(monkeypatch):
     build = e2e.build_model
 
-    def fp16_does_not_fit(name, scheme, device, dtype=torch.float16):
+    def fp16_does_not_fit(name, scheme, device, dtype=torch.float16, fused=True):
         if scheme == "fp16":
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return build(name, scheme, device, dtype)
+        return build(name, scheme, device, dtype, fused)
 
     monkeypatch.setattr(e2e, "build_model", fp16_does_not_fit)
     result = e2e.run(["tiny"], ["fp16", "int4-g32"], [1], prompt_len=4, gen_len=5, device="cpu",
@@ -125,10 +125,11 @@ def test_static_cache_decoding_matches_full_recompute():
     assert torch.equal(gen.tokens, seq[:, prompt.shape[1]:])
 
 
-def test_quantized_model_structure_and_finite_logits():
-    model = e2e.build_model("tiny", "int4-g32", "cpu")
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_quantized_model_structure_and_finite_logits(fused):
+    model = e2e.build_model("tiny", "int4-g32", "cpu", fused=fused)
     linears = _decoder_linears(model)
-    assert len(linears) == 7 * TINY["num_hidden_layers"]
+    assert len(linears) == (4 if fused else 7) * TINY["num_hidden_layers"]
     assert all(type(m) is QuantLinear and str(m.scheme) == "int4-g32" for _, m in linears)
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float16
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
@@ -139,7 +140,30 @@ def test_quantized_model_structure_and_finite_logits():
 def test_fp16_model_keeps_dense_linears():
     model = e2e.build_model("tiny", "fp16", "cpu")
     assert all(type(m) is nn.Linear and m.weight.dtype == torch.float16 for _, m in _decoder_linears(model))
-    assert 0.01 < model.model.layers[0].mlp.up_proj.weight.float().std() < 0.03
+    assert 0.01 < model.model.layers[0].mlp.fused_projection.weight.float().std() < 0.03
+
+
+def test_fused_projections_compute_what_separate_ones_do():
+    """The fused model's logits equal those of transformers' own LLaMA holding the same weights split
+    back into q/k/v and gate/up, and its forward traces whole (torch.compile fullgraph)."""
+    fused = e2e.build_model("tiny", "fp16", "cpu", dtype=torch.float32)
+    plain = e2e.build_model("tiny", "fp16", "cpu", dtype=torch.float32, fused=False)
+    state = {}
+    for name, t in fused.state_dict().items():
+        if "fused_projection" not in name:
+            state[name] = t
+            continue
+        parent = name.removesuffix(".fused_projection.weight")
+        names = dict(e2e.FUSED_GROUPS)[parent.rsplit(".", 1)[1]]
+        sizes = [plain.get_submodule(f"{parent}.{n}").out_features for n in names]
+        state.update({f"{parent}.{n}.weight": w for n, w in zip(names, t.split(sizes))})
+    plain.load_state_dict(state)
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 7))
+    with torch.inference_mode():
+        expected = plain(tokens).logits
+        assert torch.allclose(fused(tokens).logits, expected, atol=1e-5)
+        traced = torch.compile(fused.forward, backend="eager", fullgraph=True)
+        assert torch.allclose(traced(input_ids=tokens).logits, expected, atol=1e-5)
 
 
 def test_tied_embeddings_stay_tied():
@@ -168,10 +192,12 @@ class _RecordAllocations(TorchDispatchMode):
         return out
 
 
-def test_builder_never_allocates_dense_quantized_linears():
-    config = e2e.model_config("tiny")
+def test_builder_never_allocates_dense_quantized_linears(monkeypatch):
+    # a vocabulary unlike any linear's width (tiny's 256 is fused gate/up's), so shapes tell them apart
+    monkeypatch.setitem(e2e.MODELS, "tiny-vocab", {**TINY, "vocab_size": 300})
+    config = e2e.model_config("tiny-vocab")
     with _RecordAllocations() as record:
-        model = e2e.build_model("tiny", "int4-g32", "cpu")
+        model = e2e.build_model("tiny-vocab", "int4-g32", "cpu")
     dense_shapes = {(m.out_features, m.in_features) for _, m in _decoder_linears(model)}
     float_tensors = [s for s, dtype in record.created if dtype.is_floating_point]
     assert not [s for s in float_tensors if s in dense_shapes or s[::-1] in dense_shapes]

@@ -3,6 +3,8 @@
 Each model is built from its config on the meta device, then materialized layer by layer directly on
 the target device with random weights: every decoder linear is a QuantLinear created in quantized form
 (``random_qweight``), so a 70B model never exists in fp16; embeddings, norms and lm_head are dense fp16.
+q/k/v and gate/up are fused into one linear each (as serving engines run them; ``--unfused``: as
+transformers builds LLaMA).
 Decoding uses transformers' StaticCache; on CUDA each decode step is either ``torch.compile``d with
 ``mode="reduce-overhead"`` (CUDA graphs, fused elementwise ops) or captured as-is in one CUDA graph.
 Reports prefill time, decode tokens/s, time per output token and peak GPU memory per (model, scheme,
@@ -61,18 +63,62 @@ def _random_linear(scheme: str, linear: nn.Linear, dtype: torch.dtype, device) -
     return QuantLinear.from_qweight(random_qweight(scheme, linear.out_features, linear.in_features, dtype, device))
 
 
-def build_model(name: str, scheme: str, device, dtype: torch.dtype = torch.float16) -> LlamaForCausalLM:
+class _FusedSlice(nn.Module):
+    """Stands in for one projection of a fused group: its columns of the group's output, which
+    :func:`_project_input` hands the module in place of the projections' shared input."""
+
+    def __init__(self, start: int, size: int):
+        super().__init__()
+        self.start, self.size = start, size
+
+    def forward(self, fused_output: torch.Tensor) -> torch.Tensor:
+        return fused_output[..., self.start:self.start + self.size]
+
+
+def _project_input(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: the module's input (``hidden_states``) becomes its fused projections' output."""
+    if args:
+        return (module.fused_projection(args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": module.fused_projection(kwargs["hidden_states"])}
+
+
+def _fuse_projections(module: nn.Module, names: tuple, make_linear) -> None:
+    """One linear (``make_linear(nn.Linear)``) for the projections ``names`` of ``module``, which all
+    read the module's input and nothing else does (LLaMA's q/k/v, gate/up): one kernel reads all
+    their weights, as serving engines run them, and transformers' forward is unchanged."""
+    parts = [getattr(module, n) for n in names]
+    total = sum(p.out_features for p in parts)
+    with torch.device("meta"):
+        template = nn.Linear(parts[0].in_features, total, bias=False, dtype=parts[0].weight.dtype)
+    module.fused_projection = make_linear(template)
+    start = 0
+    for n, p in zip(names, parts):
+        setattr(module, n, _FusedSlice(start, p.out_features))
+        start += p.out_features
+    module.register_forward_pre_hook(_project_input, with_kwargs=True)
+
+
+FUSED_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+def build_model(name: str, scheme: str, device, dtype: torch.dtype = torch.float16,
+                fused: bool = True) -> LlamaForCausalLM:
     """A LlamaForCausalLM with random weights, materialized on ``device`` one decoder layer at a time.
 
     The model starts on the meta device; each decoder linear is replaced by a QuantLinear built from
     random codes on ``device`` (or, for ``fp16``, a dense random nn.Linear), so no dense copy of a
-    quantized layer is ever allocated."""
+    quantized layer is ever allocated. ``fused``: q/k/v and gate/up are one linear each."""
     device = torch.device(device)
     config = model_config(name)
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(dtype)
     for layer in model.model.layers:
-        for path, linear in [(p, m) for p, m in layer.named_modules() if isinstance(m, nn.Linear)]:
+        if fused:
+            for parent, names in FUSED_GROUPS:
+                _fuse_projections(layer.get_submodule(parent), names,
+                                  lambda linear: _random_linear(scheme, linear, dtype, device))
+        for path, linear in [(p, m) for p, m in layer.named_modules() if isinstance(m, nn.Linear)
+                             and m.weight.is_meta]:
             parent, _, attr = path.rpartition(".")
             setattr(layer.get_submodule(parent), attr, _random_linear(scheme, linear, dtype, device))
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
@@ -194,7 +240,8 @@ def _unless_oom(fn, errors: list, where: dict, progress):
     return None
 
 
-def run(models, schemes, batches, prompt_len=128, gen_len=256, device="cuda", mode=None, progress=print) -> dict:
+def run(models, schemes, batches, prompt_len=128, gen_len=256, device="cuda", mode=None, progress=print,
+        fused: bool = True) -> dict:
     device = torch.device(device)
     mode = mode or ("compile" if device.type == "cuda" else "eager")
     rows, errors = [], []
@@ -202,7 +249,7 @@ def run(models, schemes, batches, prompt_len=128, gen_len=256, device="cuda", mo
         vocab = MODELS[name]["vocab_size"]
         for scheme in schemes:
             # e.g. a 70B model in fp16 on one 80 GB GPU
-            model = _unless_oom(lambda: build_model(name, scheme, device), errors,
+            model = _unless_oom(lambda: build_model(name, scheme, device, fused=fused), errors,
                                 {"model": name, "scheme": scheme, "batch": None}, progress)
             if model is None:
                 _free(device)
@@ -229,13 +276,14 @@ def run(models, schemes, batches, prompt_len=128, gen_len=256, device="cuda", mo
     for r in rows:
         b = baseline.get((r["model"], r["batch"]))
         r["baseline_tokens_per_s"], r["speedup"] = b, None if b is None else r["tokens_per_s"] / b
-    return {"kind": "e2e", **run_metadata(device), "decode_mode": mode, "prompt_len": prompt_len, "gen_len": gen_len,
-            "rows": rows, "errors": errors}
+    return {"kind": "e2e", **run_metadata(device), "decode_mode": mode, "fused_projections": fused,
+            "prompt_len": prompt_len, "gen_len": gen_len, "rows": rows, "errors": errors}
 
 
 def format_table(result: dict) -> str:
+    fused = {True: "  q/k/v and gate/up fused", False: "  projections unfused"}.get(result.get("fused_projections"), "")
     lines = [f"{result['gpu'] or result.get('device')}  commit {result.get('commit')}  decode {result['decode_mode']}  "
-             f"prompt {result['prompt_len']}  generated {result['gen_len']}",
+             f"prompt {result['prompt_len']}  generated {result['gen_len']}{fused}",
              f"{'model':14s}{'scheme':20s}{'batch':>6s}{'prefill ms':>12s}{'tok/s':>10s}{'tpot ms':>9s}"
              f"{'speedup':>9s}{'peak GB':>9s}"]
     for r in result["rows"]:
@@ -287,6 +335,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode", choices=DECODE_MODES, default=None,
                    help="decode step: torch.compile reduce-overhead (CUDA default), one hand-captured CUDA graph, "
                         "or eager (CPU default)")
+    p.add_argument("--unfused", action="store_true",
+                   help="run q, k, v, gate and up as separate linears, as transformers builds LLaMA (default: "
+                        "q/k/v and gate/up fused into one linear each, as serving engines run them)")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     p.add_argument("--replot", type=Path, metavar="JSON",
@@ -316,7 +367,7 @@ def main(argv=None) -> int:
         p.error("no CUDA GPU here: pass --device cpu for a (slow, eager) CPU run")
     if device.type != "cuda" and a.decode in ("compile", "graph"):
         p.error(f"--decode {a.decode} needs a CUDA device")
-    result = run(a.models, a.schemes, a.batches, a.prompt_len, a.gen_len, device, a.decode)
+    result = run(a.models, a.schemes, a.batches, a.prompt_len, a.gen_len, device, a.decode, fused=not a.unfused)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=1))
