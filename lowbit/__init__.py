@@ -3,11 +3,12 @@
     qw = lowbit.quantize(weight, "int4-g128")      # QuantizedWeight
     y = lowbit.matmul(x, qw, bias)                  # x @ W.T + bias
     lowbit.quantize_model(model, "fp6_e3m2-channel")
+    lowbit.fuse_projections(model)                  # q/k/v and gate/up as one linear each (inference)
     lowbit.save_quantized(model, "out/"); model = lowbit.load_quantized("out/")
 """
 
 from . import formats, pack
-from .nn import QuantLinear, quantize_model
+from .nn import QuantLinear, fuse_projections, quantize_model
 from .ops import matmul
 from .qweight import QuantizedWeight
 from .quantize import quantize
@@ -22,7 +23,8 @@ _LAZY = {
     "LowbitConfig": ("lowbit.integrations.transformers", "LowbitConfig"),
 }
 
-__all__ = ["Scheme", "QuantizedWeight", "quantize", "matmul", "QuantLinear", "quantize_model", "formats", "pack",
+__all__ = ["Scheme", "QuantizedWeight", "quantize", "matmul", "QuantLinear", "quantize_model", "fuse_projections",
+           "formats", "pack",
            *_LAZY]
 
 

@@ -9,12 +9,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .ops import BACKENDS
-from .qweight import QuantizedWeight, packed_layout
+from .qweight import QuantizedWeight, check_fusable, fuse_columns, packed_layout
 from .quantize import quantize
 from .quantize.rtn import scale_storage_dtype
 from .scheme import Scheme
 
-__all__ = ["QuantLinear", "quantize_model", "quantized_linears"]
+__all__ = ["QuantLinear", "quantize_model", "quantized_linears", "fuse_projections", "FUSABLE_PROJECTIONS"]
 
 
 class QuantLinear(nn.Module):
@@ -113,3 +113,93 @@ def quantize_model(model: nn.Module, scheme, exclude: Iterable[str] = ("lm_head"
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLinear.from_linear(linear, scheme, method=method, **options))
     return model
+
+
+# Projections that read their module's input and nothing else in the module does: LLaMA-family
+# attention (Llama, Mistral, Qwen2, ... in transformers) and gated MLPs.
+FUSABLE_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _FusedSlice(nn.Module):
+    """Stands in for one projection of a fused group: its columns of the group's output, which the
+    module receives in place of the projections' shared input (:func:`_project_input`)."""
+
+    def __init__(self, start: int, size: int):
+        super().__init__()
+        self.start, self.size = start, size
+
+    def forward(self, fused_output: torch.Tensor) -> torch.Tensor:
+        return fused_output[..., self.start:self.start + self.size]
+
+    def extra_repr(self) -> str:
+        return f"columns [{self.start}, {self.start + self.size}) of fused_projection"
+
+
+def _project_input(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: the module's input (first argument or ``hidden_states``) becomes the output
+    of its fused projections."""
+    if args:
+        return (module.fused_projection(args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": module.fused_projection(kwargs["hidden_states"])}
+
+
+def _check_fusable(parts: list[nn.Module]) -> None:
+    if any(p.bias is None for p in parts) and not all(p.bias is None for p in parts):
+        raise ValueError("only some of them have a bias")
+    if all(isinstance(p, QuantLinear) for p in parts):
+        check_fusable([p.qweight for p in parts])
+    elif all(type(p) is nn.Linear for p in parts):
+        first = parts[0].weight
+        if any((p.weight.shape[1], p.weight.dtype, p.weight.device) != (first.shape[1], first.dtype, first.device)
+               for p in parts):
+            raise ValueError("in_features, dtype and device must match")
+    else:
+        raise ValueError(f"got {[type(p).__name__ for p in parts]}: all nn.Linear or all QuantLinear")
+
+
+def _fused_linear(parts: list[nn.Module]) -> nn.Module:
+    bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+    if isinstance(parts[0], QuantLinear):
+        return QuantLinear.from_qweight(fuse_columns([p.qweight for p in parts]), bias)
+    w = parts[0].weight
+    fused = nn.Linear(w.shape[1], sum(p.out_features for p in parts), bias=bias is not None, device=w.device,
+                      dtype=w.dtype)
+    fused.weight.copy_(torch.cat([p.weight for p in parts]))
+    if bias is not None:
+        fused.bias.copy_(bias)
+    return fused
+
+
+@torch.no_grad()
+def fuse_projections(model: nn.Module, groups=FUSABLE_PROJECTIONS) -> int:
+    """Run each module's projections of one group (q/k/v, gate/up) as one linear, as serving engines
+    do: one kernel reads all of their weights. For inference; returns how many groups were fused.
+
+    In every module holding all projections of a group, they become one ``fused_projection``
+    (dense or quantized, their rows concatenated; quantized parts must share a scheme and all but
+    the last be whole 16-row blocks) and each projection a slice of its output; a forward pre-hook
+    hands the module that output instead of its input, so the model's own forward is unchanged.
+    This holds where the projections are the only readers of the module's input, as in
+    transformers' LLaMA-family attention and MLPs. Every group is checked before any module
+    changes. A fused model's state dict has the fused names: save models unfused.
+    """
+    plans = []
+    for name, module in model.named_modules():
+        for names in groups:
+            parts = [getattr(module, n, None) for n in names]
+            if not all(isinstance(p, (nn.Linear, QuantLinear)) for p in parts):
+                continue
+            try:
+                _check_fusable(parts)
+            except ValueError as e:
+                raise ValueError(f"{name or 'model'}: cannot fuse {', '.join(names)}: {e}") from None
+            plans.append((module, names))
+    for module, names in plans:  # one group at a time: its parts are freed before the next is built
+        module.fused_projection = _fused_linear([getattr(module, n) for n in names])
+        start = 0
+        for n in names:
+            size = getattr(module, n).out_features
+            setattr(module, n, _FusedSlice(start, size))
+            start += size
+        module.register_forward_pre_hook(_project_input, with_kwargs=True)
+    return len(plans)

@@ -8,7 +8,7 @@ from . import pack as _pack
 from . import sparsity as _sparsity
 from .scheme import Scheme
 
-__all__ = ["QuantizedWeight", "packed_layout"]
+__all__ = ["QuantizedWeight", "packed_layout", "fuse_columns", "check_fusable", "check_row_blocks"]
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -212,3 +212,39 @@ class QuantizedWeight:
     def __repr__(self) -> str:
         return (f"QuantizedWeight({self.scheme}, shape={self.shape}, dtype={self.dtype}, "
                 f"bits_per_weight={self.bits_per_weight:.3f}, device={self.device})")
+
+
+def check_row_blocks(name: str, start: int, size: int, rows: int) -> None:
+    """Raise ValueError unless output rows ``[start, start+size)`` of a ``rows``-row weight are whole
+    ``ROW_BLOCK``-row blocks of the packed layout (a range ending on ``rows`` may end in a partial block)."""
+    if start % _pack.ROW_BLOCK or (size % _pack.ROW_BLOCK and start + size != rows):
+        raise ValueError(f"{name}: output rows [{start}, {start + size}) of {rows} are not whole "
+                         f"{_pack.ROW_BLOCK}-row blocks of the packed layout {_pack.LAYOUT}: the offset and size "
+                         f"must be multiples of {_pack.ROW_BLOCK} (only a part ending on row {rows} may be shorter)")
+
+
+def check_fusable(parts: list[QuantizedWeight]) -> None:
+    """Raise ValueError unless :func:`fuse_columns` can fuse ``parts``."""
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.scheme, p.in_features, p.dtype) != (first.scheme, first.in_features, first.dtype):
+            raise ValueError(f"cannot fuse {p} with {first}: scheme, in_features and dtype must match")
+        if (p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm)):
+            raise ValueError("cannot fuse act-order weights with different permutations")
+    rows = sum(p.out_features for p in parts)
+    start = 0
+    for i, p in enumerate(parts):
+        check_row_blocks(f"fuse_columns part {i}", start, p.out_features, rows)
+        start += p.out_features
+
+
+def fuse_columns(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """One weight whose rows are those of ``parts`` in order (fused QKV, gate/up): the packed row
+    blocks are concatenated, so every part but the last must be whole 16-row blocks."""
+    check_fusable(parts)
+    first = parts[0]
+    rows = sum(p.out_features for p in parts)
+    zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts], 1)  # [groups, rows]
+    return QuantizedWeight(first.scheme, (rows, first.in_features),
+                           tuple(torch.cat(seg) for seg in zip(*(p.packed for p in parts))),  # [row blocks, words]
+                           torch.cat([p.scales for p in parts], 1), zeros, first.perm, first.dtype)

@@ -315,3 +315,50 @@ def test_opcheck(scheme, perm, wdt, xdt, x_shape):
     torch.library.opcheck(torch.ops.lowbit.matmul.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
                                       "test_aot_dispatch_dynamic"))
+
+
+# ------------------------------------------------------------------------------ fused projections
+def _tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("scheme", [None, "int4-g32", "int8-channel-asym"], ids=["dense", "int4-g32", "int8-asym"])
+def test_fuse_projections_keeps_the_model_output(scheme):
+    """q/k/v and gate/up as one linear each: transformers' own forward gives the same logits (the
+    fused codes are the parts' codes), greedy generation the same tokens, and it traces whole."""
+    model = _tiny_llama()
+    if scheme:
+        quantize_model(model, scheme, progress=False)
+    tokens = torch.randint(0, 128, (2, 9))
+    with torch.inference_mode():
+        expected = model(tokens).logits
+        generated = model.generate(tokens, max_new_tokens=4, do_sample=False)
+        assert lowbit.fuse_projections(model) == 2 * 2  # two groups in each of two layers
+        attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        assert type(attn.fused_projection) is (QuantLinear if scheme else nn.Linear)
+        assert attn.fused_projection.out_features == 64 + 2 * 32 and mlp.fused_projection.out_features == 2 * 96
+        assert not any(isinstance(getattr(attn, n), (nn.Linear, QuantLinear)) for n in ("q_proj", "k_proj", "v_proj"))
+        assert torch.allclose(model(tokens).logits, expected, atol=1e-5)
+        assert torch.equal(model.generate(tokens, max_new_tokens=4, do_sample=False), generated)
+        traced = torch.compile(model.forward, backend="eager", fullgraph=True)
+        assert torch.allclose(traced(input_ids=tokens).logits, expected, atol=1e-5)
+    assert lowbit.fuse_projections(model) == 0  # already fused
+
+
+def test_fuse_projections_checks_every_group_before_changing_any():
+    model = _tiny_llama()
+    quantize_model(model, "int4-g32", progress=False)
+    layer1 = model.model.layers[1].mlp
+    layer1.up_proj = QuantLinear.from_linear(make_linear(64, 96, bias=False), "int8-channel")  # a second scheme
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp: cannot fuse gate_proj, up_proj: cannot fuse .*scheme"):
+        lowbit.fuse_projections(model)
+    assert not any(hasattr(m, "fused_projection") for m in model.modules())  # nothing changed
+    model = _tiny_llama()
+    model.model.layers[0].self_attn.k_proj = make_linear(64, 32)  # a bias the others lack
+    with pytest.raises(ValueError, match="only some of them have a bias"):
+        lowbit.fuse_projections(model)

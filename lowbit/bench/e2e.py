@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from ..nn import QuantLinear
+from ..nn import QuantLinear, fuse_projections
 from ..scheme import Scheme
 from .common import load_result, random_qweight, run_metadata
 
@@ -63,64 +63,24 @@ def _random_linear(scheme: str, linear: nn.Linear, dtype: torch.dtype, device) -
     return QuantLinear.from_qweight(random_qweight(scheme, linear.out_features, linear.in_features, dtype, device))
 
 
-class _FusedSlice(nn.Module):
-    """Stands in for one projection of a fused group: its columns of the group's output, which
-    :func:`_project_input` hands the module in place of the projections' shared input."""
-
-    def __init__(self, start: int, size: int):
-        super().__init__()
-        self.start, self.size = start, size
-
-    def forward(self, fused_output: torch.Tensor) -> torch.Tensor:
-        return fused_output[..., self.start:self.start + self.size]
-
-
-def _project_input(module: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook: the module's input (``hidden_states``) becomes its fused projections' output."""
-    if args:
-        return (module.fused_projection(args[0]), *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": module.fused_projection(kwargs["hidden_states"])}
-
-
-def _fuse_projections(module: nn.Module, names: tuple, make_linear) -> None:
-    """One linear (``make_linear(nn.Linear)``) for the projections ``names`` of ``module``, which all
-    read the module's input and nothing else does (LLaMA's q/k/v, gate/up): one kernel reads all
-    their weights, as serving engines run them, and transformers' forward is unchanged."""
-    parts = [getattr(module, n) for n in names]
-    total = sum(p.out_features for p in parts)
-    with torch.device("meta"):
-        template = nn.Linear(parts[0].in_features, total, bias=False, dtype=parts[0].weight.dtype)
-    module.fused_projection = make_linear(template)
-    start = 0
-    for n, p in zip(names, parts):
-        setattr(module, n, _FusedSlice(start, p.out_features))
-        start += p.out_features
-    module.register_forward_pre_hook(_project_input, with_kwargs=True)
-
-
-FUSED_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
-
-
 def build_model(name: str, scheme: str, device, dtype: torch.dtype = torch.float16,
                 fused: bool = True) -> LlamaForCausalLM:
     """A LlamaForCausalLM with random weights, materialized on ``device`` one decoder layer at a time.
 
     The model starts on the meta device; each decoder linear is replaced by a QuantLinear built from
     random codes on ``device`` (or, for ``fp16``, a dense random nn.Linear), so no dense copy of a
-    quantized layer is ever allocated. ``fused``: q/k/v and gate/up are one linear each."""
+    quantized layer is ever allocated. ``fused``: q/k/v and gate/up run as one linear each
+    (:func:`lowbit.nn.fuse_projections`, layer by layer)."""
     device = torch.device(device)
     config = model_config(name)
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(dtype)
     for layer in model.model.layers:
-        if fused:
-            for parent, names in FUSED_GROUPS:
-                _fuse_projections(layer.get_submodule(parent), names,
-                                  lambda linear: _random_linear(scheme, linear, dtype, device))
-        for path, linear in [(p, m) for p, m in layer.named_modules() if isinstance(m, nn.Linear)
-                             and m.weight.is_meta]:
+        for path, linear in [(p, m) for p, m in layer.named_modules() if isinstance(m, nn.Linear)]:
             parent, _, attr = path.rpartition(".")
             setattr(layer.get_submodule(parent), attr, _random_linear(scheme, linear, dtype, device))
+        if fused:
+            fuse_projections(layer)
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             norm.to_empty(device=device)
             nn.init.ones_(norm.weight)

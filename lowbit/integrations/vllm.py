@@ -32,7 +32,7 @@ import functools
 import torch
 
 from .. import pack as _pack
-from ..qweight import QuantizedWeight, packed_layout
+from ..qweight import QuantizedWeight, check_row_blocks, fuse_columns, packed_layout
 from ..scheme import Scheme
 
 __all__ = ["register", "QUANT_METHOD", "SHARD_DIMS", "column_shard", "row_shard", "fuse_columns",
@@ -99,15 +99,6 @@ def check_row_parallel(scheme, in_features: int, tp_size: int, act_order: bool, 
                          f"{scheme.group_size}-column groups")
 
 
-def check_row_blocks(name: str, start: int, size: int, rows: int) -> None:
-    """Raise ValueError unless output rows ``[start, start+size)`` of a ``rows``-row weight are whole
-    ``ROW_BLOCK``-row blocks of the packed layout (a range ending on ``rows`` may end in a partial block)."""
-    if start % _pack.ROW_BLOCK or (size % _pack.ROW_BLOCK and start + size != rows):
-        raise ValueError(f"{name}: output rows [{start}, {start + size}) of {rows} are not whole "
-                         f"{_pack.ROW_BLOCK}-row blocks of the packed layout {_pack.LAYOUT}: the offset and size "
-                         f"must be multiples of {_pack.ROW_BLOCK} (only a part ending on row {rows} may be shorter)")
-
-
 def check_output_partitions(name: str, partition_sizes: list[int], output_size: int) -> None:
     """Raise ValueError unless vLLM can load each of a layer's output partitions (the rank's rows of
     each fused part) as whole row blocks: vLLM divides the partitions' row offsets and sizes by
@@ -160,30 +151,6 @@ def row_shard(qw: QuantizedWeight, rank: int, tp_size: int) -> QuantizedWeight:
 
     scales, zeros = groups(qw.scales, "scales"), groups(qw.zeros, "zeros")
     return QuantizedWeight(qw.scheme, (qw.out_features, size), packed, scales, zeros, None, qw.dtype)
-
-
-def fuse_columns(parts: list[QuantizedWeight]) -> QuantizedWeight:
-    """One weight whose rows are those of ``parts`` in order (fused QKV, gate/up): the packed row
-    blocks are concatenated, so every part but the last must be whole 16-row blocks."""
-    first = parts[0]
-    for p in parts[1:]:
-        if (p.scheme, p.in_features, p.dtype) != (first.scheme, first.in_features, first.dtype):
-            raise ValueError(f"cannot fuse {p} with {first}: scheme, in_features and dtype must match")
-        if (p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm)):
-            raise ValueError("cannot fuse act-order weights with different permutations")
-    rows = sum(p.out_features for p in parts)
-    start = 0
-    for i, p in enumerate(parts):
-        check_row_blocks(f"fuse_columns part {i}", start, p.out_features, rows)
-        start += p.out_features
-
-    def cat(ts, kind):
-        return None if ts[0] is None else torch.cat(ts, SHARD_DIMS[kind][0])
-
-    return QuantizedWeight(first.scheme, (rows, first.in_features),
-                           tuple(cat(seg, "packed") for seg in zip(*(p.packed for p in parts))),
-                           cat([p.scales for p in parts], "scales"), cat([p.zeros for p in parts], "zeros"),
-                           first.perm, first.dtype)
 
 
 # -- vLLM ----------------------------------------------------------------------------------------
