@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterable
 
 import torch
@@ -14,7 +15,7 @@ from .quantize import quantize
 from .quantize.rtn import scale_storage_dtype
 from .scheme import Scheme
 
-__all__ = ["QuantLinear", "quantize_model", "quantized_linears", "fuse_projections", "FUSABLE_PROJECTIONS"]
+__all__ = ["QuantLinear", "quantize_model", "quantized_linears", "fuse_projections", "is_fused", "FUSABLE_PROJECTIONS"]
 
 
 class QuantLinear(nn.Module):
@@ -122,7 +123,7 @@ FUSABLE_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 class _FusedSlice(nn.Module):
     """Stands in for one projection of a fused group: its columns of the group's output, which the
-    module receives in place of the projections' shared input (:func:`_project_input`)."""
+    module receives in place of the projections' shared input (:class:`_ProjectInput`)."""
 
     def __init__(self, start: int, size: int):
         super().__init__()
@@ -135,18 +136,43 @@ class _FusedSlice(nn.Module):
         return f"columns [{self.start}, {self.start + self.size}) of fused_projection"
 
 
-def _project_input(module: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook: the module's input (first argument or ``hidden_states``) becomes the output
-    of its fused projections."""
-    if args:
-        return (module.fused_projection(args[0]), *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": module.fused_projection(kwargs["hidden_states"])}
+class _ProjectInput:
+    """Forward pre-hook: the module's input (its ``forward``'s first argument, given by position or
+    by name) becomes the output of its fused projections."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        if args:
+            return (module.fused_projection(args[0]), *args[1:]), kwargs
+        if self.name not in kwargs:
+            raise TypeError(f"{type(module).__name__} with fused projections: its input {self.name!r} is missing")
+        return args, {**kwargs, self.name: module.fused_projection(kwargs[self.name])}
+
+
+# Inputs of cross-attention (transformers): there k/v read another input than q, so they cannot fuse.
+_CROSS_INPUTS = ("key_value_states", "encoder_hidden_states", "cross_attention_states")
+
+
+def _input_name(module: nn.Module) -> str | None:
+    """The name of ``module.forward``'s input, or None where its projections may read other inputs."""
+    params = list(inspect.signature(module.forward).parameters)
+    if not params or getattr(module, "is_cross_attention", False) or any(p in params for p in _CROSS_INPUTS):
+        return None
+    return params[0]
+
+
+def _is_projection(m) -> bool:
+    return type(m) is nn.Linear or isinstance(m, QuantLinear)
 
 
 def _check_fusable(parts: list[nn.Module]) -> None:
     if any(p.bias is None for p in parts) and not all(p.bias is None for p in parts):
         raise ValueError("only some of them have a bias")
     if all(isinstance(p, QuantLinear) for p in parts):
+        if len({p.backend for p in parts}) > 1:
+            raise ValueError(f"their backends differ: {[p.backend for p in parts]}")
         check_fusable([p.qweight for p in parts])
     elif all(type(p) is nn.Linear for p in parts):
         first = parts[0].weight
@@ -160,11 +186,12 @@ def _check_fusable(parts: list[nn.Module]) -> None:
 def _fused_linear(parts: list[nn.Module]) -> nn.Module:
     bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
     if isinstance(parts[0], QuantLinear):
-        return QuantLinear.from_qweight(fuse_columns([p.qweight for p in parts]), bias)
+        return QuantLinear.from_qweight(fuse_columns([p.qweight for p in parts]), bias).set_backend(parts[0].backend)
     w = parts[0].weight
-    fused = nn.Linear(w.shape[1], sum(p.out_features for p in parts), bias=bias is not None, device=w.device,
-                      dtype=w.dtype)
-    fused.weight.copy_(torch.cat([p.weight for p in parts]))
+    with torch.device("meta"):  # no initialization of a matrix about to be overwritten
+        fused = nn.Linear(w.shape[1], sum(p.out_features for p in parts), bias=bias is not None, dtype=w.dtype)
+    fused = fused.to_empty(device=w.device).requires_grad_(False)
+    torch.cat([p.weight for p in parts], out=fused.weight)
     if bias is not None:
         fused.bias.copy_(bias)
     return fused
@@ -175,31 +202,40 @@ def fuse_projections(model: nn.Module, groups=FUSABLE_PROJECTIONS) -> int:
     """Run each module's projections of one group (q/k/v, gate/up) as one linear, as serving engines
     do: one kernel reads all of their weights. For inference; returns how many groups were fused.
 
-    In every module holding all projections of a group, they become one ``fused_projection``
-    (dense or quantized, their rows concatenated; quantized parts must share a scheme and all but
-    the last be whole 16-row blocks) and each projection a slice of its output; a forward pre-hook
-    hands the module that output instead of its input, so the model's own forward is unchanged.
-    This holds where the projections are the only readers of the module's input, as in
-    transformers' LLaMA-family attention and MLPs. Every group is checked before any module
-    changes. A fused model's state dict has the fused names: save models unfused.
+    In every module holding all projections of a group (plain ``nn.Linear`` or :class:`QuantLinear`),
+    they become one ``fused_projection`` (their rows concatenated; quantized parts must share a
+    scheme, and all but the last be whole 16-row blocks) and each projection a slice of its output;
+    a forward pre-hook hands the module that output instead of its input, so the model's own forward
+    is unchanged. That is right where the projections are the only readers of the module's input,
+    as in transformers' LLaMA-family attention and MLPs; modules that take a cross-attention input
+    are left as they are. Every group is checked before any module changes. A fused model cannot
+    be saved (:func:`lowbit.save_quantized` refuses it): save before fusing.
     """
     plans = []
     for name, module in model.named_modules():
-        for names in groups:
-            parts = [getattr(module, n, None) for n in names]
-            if not all(isinstance(p, (nn.Linear, QuantLinear)) for p in parts):
-                continue
-            try:
-                _check_fusable(parts)
-            except ValueError as e:
-                raise ValueError(f"{name or 'model'}: cannot fuse {', '.join(names)}: {e}") from None
-            plans.append((module, names))
-    for module, names in plans:  # one group at a time: its parts are freed before the next is built
+        matches = [names for names in groups if all(_is_projection(getattr(module, n, None)) for n in names)]
+        if not matches or (input_name := _input_name(module)) is None:
+            continue
+        where = name or "model"
+        if len(matches) > 1 or hasattr(module, "fused_projection"):
+            raise ValueError(f"{where}: holds more than one group of projections to fuse ({matches}); "
+                             "a module takes at most one fused projection")
+        try:
+            _check_fusable([getattr(module, n) for n in matches[0]])
+        except ValueError as e:
+            raise ValueError(f"{where}: {', '.join(matches[0])} do not fuse: {e}") from None
+        plans.append((module, matches[0], input_name))
+    for module, names, input_name in plans:  # one group at a time: its parts are freed before the next
         module.fused_projection = _fused_linear([getattr(module, n) for n in names])
         start = 0
         for n in names:
             size = getattr(module, n).out_features
             setattr(module, n, _FusedSlice(start, size))
             start += size
-        module.register_forward_pre_hook(_project_input, with_kwargs=True)
+        module.register_forward_pre_hook(_ProjectInput(input_name), with_kwargs=True)
     return len(plans)
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether :func:`fuse_projections` changed ``model``."""
+    return any(isinstance(m, _FusedSlice) for m in model.modules())

@@ -227,8 +227,8 @@ def check_fusable(parts: list[QuantizedWeight]) -> None:
     """Raise ValueError unless :func:`fuse_columns` can fuse ``parts``."""
     first = parts[0]
     for p in parts[1:]:
-        if (p.scheme, p.in_features, p.dtype) != (first.scheme, first.in_features, first.dtype):
-            raise ValueError(f"cannot fuse {p} with {first}: scheme, in_features and dtype must match")
+        if (p.scheme, p.in_features, p.dtype, p.device) != (first.scheme, first.in_features, first.dtype, first.device):
+            raise ValueError(f"cannot fuse {p} with {first}: scheme, in_features, dtype and device must match")
         if (p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm)):
             raise ValueError("cannot fuse act-order weights with different permutations")
     rows = sum(p.out_features for p in parts)

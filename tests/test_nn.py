@@ -318,20 +318,22 @@ def test_opcheck(scheme, perm, wdt, xdt, x_shape):
 
 
 # ------------------------------------------------------------------------------ fused projections
-def _tiny_llama(seed=0):
+def _tiny_llama(seed=0, bias=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, attn_implementation="sdpa")
+                         num_key_value_heads=2, vocab_size=128, attn_implementation="sdpa", attention_bias=bias,
+                         mlp_bias=bias)
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("scheme", [None, "int4-g32", "int8-channel-asym"], ids=["dense", "int4-g32", "int8-asym"])
-def test_fuse_projections_keeps_the_model_output(scheme):
+@pytest.mark.parametrize("scheme,bias", [(None, False), (None, True), ("int4-g32", True), ("int8-channel-asym", False)],
+                         ids=["dense", "dense-bias", "int4-g32-bias", "int8-asym"])
+def test_fuse_projections_keeps_the_model_output(scheme, bias):
     """q/k/v and gate/up as one linear each: transformers' own forward gives the same logits (the
     fused codes are the parts' codes), greedy generation the same tokens, and it traces whole."""
-    model = _tiny_llama()
+    model = _tiny_llama(bias=bias)
     if scheme:
         quantize_model(model, scheme, progress=False)
     tokens = torch.randint(0, 128, (2, 9))
@@ -348,6 +350,41 @@ def test_fuse_projections_keeps_the_model_output(scheme):
         traced = torch.compile(model.forward, backend="eager", fullgraph=True)
         assert torch.allclose(traced(input_ids=tokens).logits, expected, atol=1e-5)
     assert lowbit.fuse_projections(model) == 0  # already fused
+    with pytest.raises(ValueError, match="save it before fusing"):
+        lowbit.save_quantized(model, "unused-dir")
+
+
+def test_fused_module_input_by_position_or_name():
+    from lowbit.nn import is_fused
+
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = make_linear(8, 16, bias=False), make_linear(8, 16, bias=False, seed=1)
+
+        def forward(self, h):
+            return self.gate_proj(h) * self.up_proj(h)
+
+    mlp, h = Mlp(), torch.randn(3, 8)
+    expected = mlp(h)
+    assert lowbit.fuse_projections(mlp) == 1 and is_fused(mlp)
+    assert torch.allclose(mlp(h), expected) and torch.allclose(mlp(h=h), expected)
+    with pytest.raises(TypeError, match="its input 'h' is missing"):
+        mlp()
+
+
+def test_fuse_projections_leaves_cross_attention_alone():
+    class CrossAttention(nn.Module):  # k/v read the encoder's states, q the decoder's
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (make_linear(8, 8, seed=i) for i in range(3))
+
+        def forward(self, hidden_states, key_value_states=None):
+            kv = hidden_states if key_value_states is None else key_value_states
+            return self.q_proj(hidden_states) + self.k_proj(kv) * self.v_proj(kv)
+
+    attn = CrossAttention()
+    assert lowbit.fuse_projections(attn) == 0 and isinstance(attn.k_proj, nn.Linear)
 
 
 def test_fuse_projections_checks_every_group_before_changing_any():
@@ -355,9 +392,18 @@ def test_fuse_projections_checks_every_group_before_changing_any():
     quantize_model(model, "int4-g32", progress=False)
     layer1 = model.model.layers[1].mlp
     layer1.up_proj = QuantLinear.from_linear(make_linear(64, 96, bias=False), "int8-channel")  # a second scheme
-    with pytest.raises(ValueError, match=r"model.layers.1.mlp: cannot fuse gate_proj, up_proj: cannot fuse .*scheme"):
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp: gate_proj, up_proj do not fuse: cannot fuse .*scheme"):
         lowbit.fuse_projections(model)
     assert not any(hasattr(m, "fused_projection") for m in model.modules())  # nothing changed
+    layer1.up_proj = model.model.layers[0].mlp.up_proj
+    layer1.up_proj.set_backend("reference")
+    with pytest.raises(ValueError, match="their backends differ"):
+        lowbit.fuse_projections(model)
+    both = model.model.layers[0].mlp
+    both.q_proj, both.k_proj, both.v_proj = (QuantLinear.from_linear(make_linear(64, 32, bias=False), "int4-g32")
+                                             for _ in range(3))
+    with pytest.raises(ValueError, match="model.layers.0.mlp: holds more than one group"):
+        lowbit.fuse_projections(model)
     model = _tiny_llama()
     model.model.layers[0].self_attn.k_proj = make_linear(64, 32)  # a bias the others lack
     with pytest.raises(ValueError, match="only some of them have a bias"):

@@ -203,7 +203,7 @@ def _num_sms(device: torch.device) -> int:
 PREFILL_FUSED = KernelConfig(block_n=256, block_m=64, split_k=1, swap_ab=True, num_warps=8, num_stages=3)
 
 
-def heuristic_config(m: int, n: int, k: int, bits: int, sms: int, narrow_zero_groups: bool = False) -> KernelConfig:
+def heuristic_config(m: int, n: int, k: int, bits: int, sms: int, narrow: bool = False) -> KernelConfig:
     """A config from what tuning found on Hopper (used where no tuned entry exists).
 
     Up to 128 tokens, weights as the wide operand (swap A/B): up to 32 tokens 128-row tiles and 4
@@ -211,22 +211,28 @@ def heuristic_config(m: int, n: int, k: int, bits: int, sms: int, narrow_zero_gr
     flight hide more of it); larger batches 64-row by 64-token tiles, about 2 programs per SM. Past
     128 tokens: dequantize once and call cuBLAS (measured on the 70B layers at 256 tokens: 0.4-0.5x
     of cuBLAS alone, against 0.3-0.5x for :data:`PREFILL_FUSED`, except int4-g128, whose tuned
-    entries run it at 0.74x). Zero points with groups of 32 or fewer (``narrow_zero_groups``: four
-    groups' scales, zeros and sums of x per tile) only fit registers with 16-token tiles (32 spilled:
-    0.29x at M=32, against 0.97x at 16), so past 32 tokens they dequantize.
+    entries run it at 0.74x). ``narrow`` (:func:`narrow_zero_groups`: four groups' scales, zeros and
+    sums of x per tile) fits registers only with 16-token tiles (32 spilled: 0.29x at M=32, against
+    0.97x at 16), so past 32 tokens it dequantizes.
     """
-    if m > (32 if narrow_zero_groups else 128):
+    if m > (32 if narrow else 128):
         return KernelConfig(path="dequant")
     k_tiles = triton.cdiv(k, _pack.TILE_K)
     small = m <= 32
     block_n = 128 if small else 64
-    block_m = max(16, triton.next_power_of_2(m)) if small and not narrow_zero_groups else 16 if small else 64
+    block_m = max(16, triton.next_power_of_2(m)) if small and not narrow else 16 if small else 64
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     target = (12 if small else 2) * sms
     split = 1
     while tiles * split < target and split < min(8, max(1, k_tiles // 4)):
         split += 1
     return KernelConfig(block_n=block_n, block_m=block_m, split_k=split, swap_ab=True, num_warps=4, num_stages=3)
+
+
+def narrow_zero_groups(symmetric: bool, group_size: int) -> bool:
+    """Zero points with groups of 32 or fewer: the fused kernel holds four or more groups' scales,
+    zeros and sums of x per tile (see :func:`heuristic_config`)."""
+    return not symmetric and 0 < group_size <= 32
 
 
 def _gpu_slug(device: torch.device) -> str:
@@ -259,9 +265,9 @@ def choose_config(m: int, qw: QuantizedWeight, device: torch.device) -> KernelCo
 def _choose(slug: str, key: tuple, sparse: bool, sms: int) -> KernelConfig:
     want = dict(key)
     m, n, k, bits = want.pop("m"), want["n"], want["k"], want["bits"]
-    narrow_zero_groups = not want["symmetric"] and 0 < want["group_size"] <= 32
+    narrow = narrow_zero_groups(want["symmetric"], want["group_size"])
     if sparse:  # no tuned entries for 2:4 weights yet (their k-tiles are 256 deep)
-        return heuristic_config(m, n, k // 2, bits, sms, narrow_zero_groups)
+        return heuristic_config(m, n, k // 2, bits, sms, narrow)
     entries = [(e, cfg) for e, cfg in tuned_table(slug) if all(e.get(name) == value for name, value in want.items())]
     above = [e for e in entries if e[0]["m"] >= m]
     if above:  # the tuned entry of the smallest batch bucket >= m
@@ -270,7 +276,7 @@ def _choose(slug: str, key: tuple, sparse: bool, sms: int) -> KernelConfig:
         if cfg.path == "fused" and cfg.swap_ab and cfg.block_m > fit:
             cfg = KernelConfig(**{**asdict(cfg), "block_m": fit})
         return cfg
-    return heuristic_config(m, n, k, bits, sms, narrow_zero_groups)
+    return heuristic_config(m, n, k, bits, sms, narrow)
 
 
 def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, force_triton: bool = False,
