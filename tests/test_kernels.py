@@ -254,6 +254,20 @@ def test_gpu_chained_split_k_matmuls(scheme, m):
 
 
 @pytest.mark.gpu
+def test_gpu_tuner_returns_a_measured_config_that_is_right():
+    from lowbit.bench.common import random_qweight
+    from lowbit.kernels import tune
+
+    qw = random_qweight("int4-g128", 1024, 4096, torch.float16, "cuda")
+    cfg, us, info = tune.tune_one(qw, 1, replays=3, rounds=1)
+    # the heuristic, the two split-free seeds, dequantize + cuBLAS, and a round of neighbours
+    assert 0 < us < float("inf") and info["tried"] > 4
+    x = torch.randn(1, 4096, dtype=torch.float16, device="cuda")
+    assert rel_err(lowbit.matmul(x, qw) if cfg.path == "dequant" else dispatch.fused_matmul(x, qw, None, cfg),
+                   reference(x, qw)) < 2e-3
+
+
+@pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph():
     lin = torch.nn.Linear(1024, 768).half().cuda()
     ql = lowbit.QuantLinear.from_linear(lin, "int4-g128")

@@ -86,6 +86,12 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
                                   block_m=(128 if m > 128 else 64) if best.swap_ab else max(16, min(64, m)),
                                   num_warps=8 if best.swap_ab else 4)
         seen[alt] = measure(alt)
+    if best.path == "fused" and best.split_k > 1:
+        # Split-free seeds: one step per axis from the heuristic's split-K rarely reaches them, and
+        # their kernels skip the partials' round trips to L2 (part of a ~5 us fixed cost a kernel).
+        for block_n, warps in ((64, 4), (32, 2)):
+            seed = dataclasses.replace(best, split_k=1, block_n=block_n, num_warps=warps, num_stages=4)
+            seen.setdefault(seed, measure(seed))
     for _ in range(rounds):
         current = min(seen, key=seen.get)
         for cand in _neighbours(current, m, k_tiles):
