@@ -21,7 +21,7 @@ INTERP_SCHEMES = ["int4-g128", "int4-g32-asym", "int4-g64-asym", "int4-g128-asym
                   "fp7_e3m3-channel", "int4-g128-2:4", "int8-channel-2:4", "fp6_e3m2-channel-2:4", "int4-g16-asym-2:4",
                   "int4-g128-asym-2:4", "fp4_e2m1-g32-mx-2:4", "int3-g64-2:4"]
 INTERP_CONFIGS = [
-    KernelConfig(block_n=64, block_m=16, split_k=1, swap_ab=True),
+    KernelConfig(block_n=64, block_m=16, split_k=1, swap_ab=True, maxnreg=64),
     KernelConfig(block_n=32, block_m=32, split_k=3, swap_ab=True),
     KernelConfig(block_n=64, block_m=16, split_k=2, swap_ab=False),
 ]
@@ -41,7 +41,7 @@ def poisoned(m, n, dtype, device):
 
 
 @pytest.mark.parametrize("scheme", INTERP_SCHEMES)
-@pytest.mark.parametrize("cfg", INTERP_CONFIGS, ids=["swap", "swap-split3", "noswap-split2"])
+@pytest.mark.parametrize("cfg", INTERP_CONFIGS, ids=["swap-maxnreg", "swap-split3", "noswap-split2"])
 def test_fused_kernel_matches_reference(scheme, cfg):
     m, n, k = (5, 72, 301) if not HAS_CUDA else (37, 200, 1001)  # K: not a multiple of 4 (2:4 groups) or 128
     w = torch.randn(n, k, dtype=torch.float16, device=DEVICE)
@@ -99,6 +99,8 @@ def test_config_validation():
         KernelConfig(block_n=48)
     with pytest.raises(ValueError, match="path"):
         KernelConfig(path="magic")
+    with pytest.raises(ValueError, match="maxnreg must be None or a multiple of 8"):
+        KernelConfig(maxnreg=70)
 
 
 def test_heuristic_covers_batches():
@@ -179,7 +181,8 @@ def test_gpu_dispatch_every_batch(scheme, dtype):
                                                                                  swap_ab=False, num_warps=8),
     KernelConfig(block_n=128, block_m=128, split_k=3, swap_ab=False, num_warps=8, num_stages=3),
     KernelConfig(block_n=128, block_m=128, split_k=2, swap_ab=True, num_warps=8, num_stages=3),
-], ids=lambda c: f"n{c.block_n}m{c.block_m}s{c.split_k}{'swap' if c.swap_ab else ''}")
+    KernelConfig(block_n=128, block_m=16, split_k=4, num_stages=3, maxnreg=64),  # spills
+], ids=lambda c: f"n{c.block_n}m{c.block_m}s{c.split_k}{'swap' if c.swap_ab else ''}{c.maxnreg or ''}")
 @pytest.mark.parametrize("scheme", ["int4-g128", "int4-g32-asym", "int8-channel", "fp6_e3m2-channel", "fp4_e2m1-g32",
                                     "int4-g128-2:4"])
 def test_gpu_fused_configs_poisoned(scheme, cfg, dtype):

@@ -44,6 +44,10 @@ class KernelConfig:
     swap_ab: bool = True
     num_warps: int = 4
     num_stages: int = 4
+    # A register cap per thread (ptxas .maxnreg): more programs per SM for a latency-bound loop, at
+    # the price of spills (int4 128x16 tiles: 95 registers, 5 programs of 4 warps per SM; capped at
+    # 80, 6 programs and 27 spill loads/stores a tile). None: the compiler's choice.
+    maxnreg: int | None = None
 
     def __post_init__(self):
         if self.path not in ("fused", "dequant"):
@@ -54,6 +58,8 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {v}")
         if self.split_k < 1:
             raise ValueError(f"KernelConfig.split_k must be >= 1, got {self.split_k}")
+        if self.maxnreg is not None and not (32 <= self.maxnreg <= 255 and self.maxnreg % 8 == 0):
+            raise ValueError(f"KernelConfig.maxnreg must be None or a multiple of 8 in 32..255, got {self.maxnreg}")
 
 
 def _scheme_constants(qw: QuantizedWeight, compute: torch.dtype) -> dict:
@@ -149,7 +155,7 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
         0 if sums is None else sums.stride(0), per_split, qw.num_groups, split, HAS_X_SUMS=sums is not None,
         HAS_BIAS=bias is not None, EVEN_K=k % dense_tile == 0, SPARSE=qw.scheme.sparsity is not None,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
         **{**_scheme_constants(qw, x.dtype), **_fast_path_constants(qw, x.dtype, x.device)})
     return out
 

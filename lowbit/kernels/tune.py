@@ -49,6 +49,9 @@ def _neighbours(cfg: KernelConfig, m: int, k_tiles: int):
     for bn in (cfg.block_n // 2, cfg.block_n * 2):
         if 32 <= bn <= 256:
             yield variant(block_n=bn)
+    for cap in (None, 80, 64):  # a register cap: more programs per SM, some spills
+        if cap != cfg.maxnreg:
+            yield variant(maxnreg=cap)
     for w in (2, 4, 8):  # 2 warps (or 32-row tiles) give mma.sync, which Triton does not serialize
         if w != cfg.num_warps:
             yield variant(num_warps=w)
