@@ -91,6 +91,16 @@ def test_save_pretrained_round_trip(fp_dir, tmp_path):
     assert_same_state(q, lowbit.load_quantized(tmp_path, verify=True))
 
 
+def test_fused_model_generates_the_same_and_refuses_to_save(fp_dir, tmp_path):
+    q = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=lowbit.LowbitConfig(scheme="int4-g32"))
+    expected = greedy(q)
+    assert lowbit.fuse_projections(q) == 2 * q.config.num_hidden_layers
+    assert torch.equal(greedy(q), expected)
+    with pytest.raises(ValueError, match="save it before fusing"):
+        q.save_pretrained(tmp_path / "fused")
+    assert not (tmp_path / "fused").exists() or not any((tmp_path / "fused").iterdir())  # nothing written
+
+
 def test_from_pretrained_reads_save_quantized(tmp_path):
     """A lowbit.save_quantized checkpoint, act-order layer included, loads through transformers bit-exact."""
     model = lowbit.quantize_model(tiny_llama(), "int4-g32", progress=False)
