@@ -395,14 +395,9 @@ def lowbit_matmul_kernel(
         arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
         if arrived == split_k - 1:
             tl.debug_barrier()
-            # Two partials per step, in a fixed order: both loads are in flight at once (a wait on L2
-            # per split halved; more at once raised the kernel's registers, 95 -> 128-138). The second
-            # one's bound is a full-shape mask: the interpreter takes no scalar in a mask.
-            acc = tl.zeros(acc.shape, dtype=tl.float32)
-            for s in range(0, split_k, 2):
-                second = o_mask & (tl.full(o_mask.shape, s + 1, tl.int32) < split_k)
-                acc += tl.load(partial_ptr + s * M * N + p_off, mask=o_mask, other=0.0, cache_modifier=".cg") + \
-                    tl.load(partial_ptr + (s + 1) * M * N + p_off, mask=second, other=0.0, cache_modifier=".cg")
+            acc = tl.load(partial_ptr + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, split_k):
+                acc += tl.load(partial_ptr + s * M * N + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
             _store_output(acc, bias_ptr, out_ptr, o_off, o_mask, rn, n_mask, HAS_BIAS, SWAP_AB)
             tl.atomic_xchg(counter_ptr + pid, 0)
     else:
