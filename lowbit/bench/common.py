@@ -38,6 +38,19 @@ def load_result(path: Path, kind: str) -> dict:
     return result
 
 
+def replot(parser, path: Path, kind: str, plot_path: Path | None, plot, format_table) -> int:
+    """``--replot``: print the table of an earlier ``kind`` result (and draw ``plot_path``), no
+    measurement; an unreadable or wrong-kind file is the parser's usage error."""
+    try:
+        result = load_result(path, kind)
+    except ValueError as e:
+        parser.error(str(e))
+    if plot_path:
+        plot(result, plot_path)
+    print(format_table(result))
+    return 0
+
+
 def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
     """``|y - reference| / |reference|`` (Frobenius), in float32: how the benchmark and the tuner
     check a kernel's output against ``x @ dequantize().T``."""

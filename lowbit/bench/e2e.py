@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from ..nn import QuantLinear, fuse_projections
 from ..scheme import Scheme
-from .common import load_result, random_qweight, run_metadata
+from .common import random_qweight, replot, run_metadata
 
 DENSE = "fp16"
 DEFAULT_SCHEMES = [DENSE, "int4-g128", "fp6_e3m2-channel"]
@@ -303,15 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--replot", type=Path, metavar="JSON",
                    help="no measurement: print the table of an earlier run's JSON (and draw --plot)")
     a = p.parse_args(argv)
-    if a.replot:  # a result, no measurement
-        try:
-            result = load_result(a.replot, "e2e")
-        except ValueError as e:
-            p.error(str(e))
-        if a.plot:
-            plot(result, a.plot)
-        print(format_table(result))
-        return 0
+    if a.replot:
+        return replot(p, a.replot, "e2e", a.plot, plot, format_table)
     for s in a.schemes:
         if s != DENSE:
             try:

@@ -20,8 +20,7 @@ from triton.errors import TritonError
 from ..kernels import dispatch
 from ..scheme import Scheme
 from .common import LAYER_SETS, clone_qweight, copies_for, copy_bandwidth_gbs, graph_time_us, random_qweight, \
-    read_bandwidth_gbs, \
-    load_result, relative_error, run_metadata
+    read_bandwidth_gbs, relative_error, replot, run_metadata
 
 DEFAULT_BATCHES = [1, 8, 16, 32, 64, 128, 256, 512, 1024]
 DEFAULT_SCHEMES = ["int4-g128", "int8-channel"]
@@ -191,15 +190,8 @@ def main(argv=None) -> int:
                    help="no measurement: print the table of an earlier run's JSON (and draw --plot), e.g. on a machine "
                         "without a GPU")
     a = p.parse_args(argv)
-    if a.replot:  # a result, no measurement
-        try:
-            result = load_result(a.replot, "layers")
-        except ValueError as e:
-            p.error(str(e))
-        if a.plot:
-            plot(result, a.plot)
-        print(format_table(result))
-        return 0
+    if a.replot:
+        return replot(p, a.replot, "layers", a.plot, plot, format_table)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     for s in a.schemes:
