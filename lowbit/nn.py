@@ -15,7 +15,7 @@ from .quantize import quantize
 from .quantize.rtn import scale_storage_dtype
 from .scheme import Scheme
 
-__all__ = ["QuantLinear", "quantize_model", "quantized_linears", "fuse_projections", "is_fused", "FUSABLE_PROJECTIONS"]
+__all__ = ["QuantLinear", "quantize_model", "quantized_linears", "fuse_projections", "check_unfused", "FUSABLE_PROJECTIONS"]
 
 
 class QuantLinear(nn.Module):
@@ -236,6 +236,9 @@ def fuse_projections(model: nn.Module, groups=FUSABLE_PROJECTIONS) -> int:
     return len(plans)
 
 
-def is_fused(model: nn.Module) -> bool:
-    """Whether :func:`fuse_projections` changed ``model``."""
-    return any(isinstance(m, _FusedSlice) for m in model.modules())
+def check_unfused(model: nn.Module) -> None:
+    """Raise ValueError if :func:`fuse_projections` changed ``model``: checkpoints hold the unfused
+    projections (fused names would not load back)."""
+    if any(isinstance(m, _FusedSlice) for m in model.modules()):
+        raise ValueError("the model's projections were fused by lowbit.fuse_projections (for inference); "
+                         "save it before fusing")

@@ -355,7 +355,7 @@ def test_fuse_projections_keeps_the_model_output(scheme, bias):
 
 
 def test_fused_module_input_by_position_or_name():
-    from lowbit.nn import is_fused
+    from lowbit.nn import check_unfused
 
     class Mlp(nn.Module):
         def __init__(self):
@@ -367,7 +367,10 @@ def test_fused_module_input_by_position_or_name():
 
     mlp, h = Mlp(), torch.randn(3, 8)
     expected = mlp(h)
-    assert lowbit.fuse_projections(mlp) == 1 and is_fused(mlp)
+    check_unfused(mlp)
+    assert lowbit.fuse_projections(mlp) == 1
+    with pytest.raises(ValueError, match="save it before fusing"):
+        check_unfused(mlp)
     assert torch.allclose(mlp(h), expected) and torch.allclose(mlp(h=h), expected)
     with pytest.raises(TypeError, match="its input 'h' is missing"):
         mlp()

@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import pack as _pack
 from ..io.checkpoint import SHA256_PREFIX, _quantization_config, tensor_sha256
-from ..nn import QuantLinear, is_fused, quantize_model
+from ..nn import QuantLinear, check_unfused, quantize_model
 from ..scheme import Scheme
 
 __all__ = ["LowbitConfig", "LowbitHfQuantizer", "register", "register_when_transformers_loads", "QUANT_METHOD"]
@@ -135,9 +135,7 @@ def _classes():
             return model
 
         def get_state_dict_and_metadata(self, model):
-            if is_fused(model):  # its fused names would not load back
-                raise ValueError("the model's projections were fused by lowbit.fuse_projections (for inference); "
-                                 "save it before fusing")
+            check_unfused(model)
             # The SHA-256 of every tensor, as lowbit.save_quantized writes them, so that
             # lowbit.load_quantized reads what save_pretrained wrote.
             metadata = {SHA256_PREFIX + k: tensor_sha256(t.to("cpu")) for k, t in model.state_dict().items()}

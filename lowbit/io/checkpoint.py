@@ -44,7 +44,7 @@ from torch import nn
 
 from .. import pack as _pack
 from .. import sparsity as _sparsity
-from ..nn import QuantLinear, is_fused
+from ..nn import QuantLinear, check_unfused
 from ..qweight import QuantizedWeight
 from ..scheme import Scheme
 
@@ -111,9 +111,7 @@ def save_quantized(model: nn.Module, dir, max_shard_size: int | str = "2GB", ove
     into place, so a failure leaves no partial checkpoint (and an overwritten one intact).
     A ``dir`` that exists and is not empty is refused unless ``overwrite=True``.
     """
-    if is_fused(model):
-        raise ValueError("the model's projections were fused by lowbit.fuse_projections (for inference); "
-                         "save it before fusing")
+    check_unfused(model)
     target = Path(dir).absolute()
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
