@@ -226,7 +226,7 @@ def heuristic_config(m: int, n: int, k: int, bits: int, sms: int, narrow: bool =
     k_tiles = triton.cdiv(k, _pack.TILE_K)
     small = m <= 32
     block_n = 128 if small else 64
-    block_m = max(16, triton.next_power_of_2(m)) if small and not narrow else 16 if small else 64
+    block_m = 64 if not small else 16 if narrow else max(16, triton.next_power_of_2(m))
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     target = (12 if small else 2) * sms
     split = 1

@@ -94,7 +94,8 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
         # their kernels skip the partials' round trips to L2 (part of a ~5 us fixed cost a kernel).
         for block_n, warps in ((64, 4), (32, 2)):
             seed = dataclasses.replace(best, split_k=1, block_n=block_n, num_warps=warps, num_stages=4)
-            seen.setdefault(seed, measure(seed))
+            if seed not in seen:
+                seen[seed] = measure(seed)
     for _ in range(rounds):
         current = min(seen, key=seen.get)
         for cand in _neighbours(current, m, k_tiles):
