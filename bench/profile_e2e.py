@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import StaticCache
 
-from lowbit.bench.e2e import WARMUP_STEPS, _decode_step, _free, build_model, model_config
+from lowbit.bench.e2e import MODELS, WARMUP_STEPS, _decode_step, _free, build_model, model_config
 
 STEPS = 20
 # First match wins: attention kernels' names carry cutlass templates, and inductor's fused elementwise
@@ -64,8 +64,9 @@ def profile_scheme(name: str, scheme: str, batch: int, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 5 or sys.argv[3] not in ("compile", "graph") or not sys.argv[2].isdigit():
-        sys.exit(__doc__)
+    if len(sys.argv) < 5 or sys.argv[1] not in MODELS or not sys.argv[2].isdigit() or \
+            sys.argv[3] not in ("compile", "graph"):
+        sys.exit(f"{__doc__}\nMODEL: one of {', '.join(MODELS)}")
     model_name, batch_size, decode_mode, *schemes = sys.argv[1:]
     for s in schemes:
         profile_scheme(model_name, s, int(batch_size), decode_mode)

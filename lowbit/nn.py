@@ -211,6 +211,10 @@ def fuse_projections(model: nn.Module, groups=FUSABLE_PROJECTIONS) -> int:
     are left as they are. Every group is checked before any module changes. A fused model cannot
     be saved (:func:`lowbit.save_quantized` refuses it): save before fusing.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_projections takes an nn.Module, got {type(model).__name__}")
+    if any(isinstance(g, str) or len(g) < 2 or not all(isinstance(n, str) for n in g) for g in groups):
+        raise ValueError(f"groups must be tuples of at least two attribute names, got {groups!r}")
     plans = []
     for name, module in model.named_modules():
         matches = [names for names in groups if all(_is_projection(getattr(module, n, None)) for n in names)]

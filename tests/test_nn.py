@@ -376,6 +376,14 @@ def test_fused_module_input_by_position_or_name():
         mlp()
 
 
+def test_fuse_projections_rejects_what_is_not_a_model_or_a_group():
+    with pytest.raises(TypeError, match="takes an nn.Module, got dict"):
+        lowbit.fuse_projections({})
+    for groups in (("q_proj", "k_proj"), [("q_proj",)], [("q_proj", 3)]):
+        with pytest.raises(ValueError, match="groups must be tuples of at least two attribute names"):
+            lowbit.fuse_projections(_tiny_llama(), groups)
+
+
 def test_fuse_projections_leaves_cross_attention_alone():
     class CrossAttention(nn.Module):  # k/v read the encoder's states, q the decoder's
         def __init__(self):
