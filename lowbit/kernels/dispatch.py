@@ -48,6 +48,9 @@ class KernelConfig:
     # the price of spills (int4 128x16 tiles: 95 registers, 5 programs of 4 warps per SM; capped at
     # 80, 6 programs and 27 spill loads/stores a tile). None: the compiler's choice.
     maxnreg: int | None = None
+    # One matrix product per scale group instead of per plane (see the kernel's MERGE): fewer
+    # waits on the matrix unit, more live registers; ignored where the scales multiply weights.
+    merge_planes: bool = False
 
     def __post_init__(self):
         if self.path not in ("fused", "dequant"):
@@ -154,7 +157,7 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
         out, partial, counters, out if sums is None else sums, m, n, k, x.stride(0), out.stride(0), *strides,
         0 if sums is None else sums.stride(0), per_split, qw.num_groups, split, HAS_X_SUMS=sums is not None,
         HAS_BIAS=bias is not None, EVEN_K=k % dense_tile == 0, SPARSE=qw.scheme.sparsity is not None,
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab, MERGE_PLANES=cfg.merge_planes,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
         **{**_scheme_constants(qw, x.dtype), **_fast_path_constants(qw, x.dtype, x.device)})
     return out

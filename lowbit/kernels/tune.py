@@ -52,6 +52,7 @@ def _neighbours(cfg: KernelConfig, m: int, k_tiles: int):
     for cap in (None, 80, 64):  # a register cap: more programs per SM, some spills
         if cap != cfg.maxnreg:
             yield variant(maxnreg=cap)
+    yield variant(merge_planes=not cfg.merge_planes)
     for w in (2, 4, 8):  # 2 warps (or 32-row tiles) give mma.sync, which Triton does not serialize
         if w != cfg.num_warps:
             yield variant(num_warps=w)
