@@ -4,7 +4,10 @@ attention and the rest, and the step's wall time against its summed kernel time 
 GPU waits on the CPU or on launches; the two come from separate loops, so a gap near zero can come
 out slightly negative).
 
-    python bench/profile_e2e.py MODEL BATCH MODE SCHEME [SCHEME ...]     (MODE: compile or graph)
+    python bench/profile_e2e.py MODEL BATCH MODE SCHEME [SCHEME ...]     (MODE: compile, graph or prefill)
+
+MODE prefill profiles the eager 128-token prefill instead (the benchmark's prefill time): wall time
+against GPU kernel time says whether it waits on Python or on kernels.
 """
 import sys
 import time
@@ -32,19 +35,30 @@ def profile_scheme(name: str, scheme: str, batch: int, mode: str) -> None:
     config = model_config(name)
     prompt = torch.randint(0, config.vocab_size, (batch, 128), device="cuda")
     cache = StaticCache(config, max_cache_len=128 + WARMUP_STEPS + 2 * STEPS + 2)
-    tokens = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
-    step = _decode_step(model, cache, mode)
+
+    def prefill():
+        return model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+
+    tokens = prefill()
+    if mode == "prefill":  # the same prefill again (it rewrites the cache's first 128 positions)
+        def advance(_):
+            return prefill()
+    else:
+        decode = _decode_step(model, cache, mode)
+
+        def advance(last):
+            return decode(last)[:, -1:].argmax(-1)
     for _ in range(WARMUP_STEPS):
-        tokens = step(tokens)[:, -1:].argmax(-1)
+        tokens = advance(tokens)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(STEPS):
-        tokens = step(tokens)[:, -1:].argmax(-1)
+        tokens = advance(tokens)
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) / STEPS * 1e3
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(STEPS):
-            tokens = step(tokens)[:, -1:].argmax(-1)
+            tokens = advance(tokens)
         torch.cuda.synchronize()
     kernels = [(e.key, e.device_time_total / STEPS / 1e3, e.count / STEPS) for e in prof.key_averages()
                if e.device_time_total > 0]
@@ -59,13 +73,13 @@ def profile_scheme(name: str, scheme: str, batch: int, mode: str) -> None:
         print(f"  {g:14s} {t:7.3f} ms  {count:5.0f} kernels  {t / max(count, 1) * 1e3:7.1f} us each")
     for kernel, t, count in sorted(kernels, key=lambda k: -k[1])[:12]:
         print(f"    {t:7.3f} ms {count:5.0f}x  {kernel[:110]}")
-    del model, step, cache
+    del model, advance, cache
     _free(torch.device("cuda"))
 
 
 if __name__ == "__main__":
     if len(sys.argv) < 5 or sys.argv[1] not in MODELS or not sys.argv[2].isdigit() or \
-            sys.argv[3] not in ("compile", "graph"):
+            sys.argv[3] not in ("compile", "graph", "prefill"):
         sys.exit(f"{__doc__}\nMODEL: one of {', '.join(MODELS)}")
     model_name, batch_size, decode_mode, *schemes = sys.argv[1:]
     for s in schemes:
