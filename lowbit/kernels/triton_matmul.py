@@ -158,13 +158,15 @@ def _join_planes(planes, first: tl.constexpr, COUNT: tl.constexpr, BLOCK_N: tl.c
     """Planes ``first .. first + COUNT - 1`` (each ``[BLOCK_N, PD]``, consecutive k) as one
     ``[BLOCK_N, COUNT * PD]`` operand in k order: joined on a new axis that is then moved before the
     columns, so each thread keeps its registers (no shuffle, no trip through shared memory)."""
+    tl.static_assert(COUNT == 1 or COUNT == 2 or COUNT == 4, "a tile has 1, 2 or 4 planes per scale group")
     if COUNT == 1:
-        return planes[first]
-    if COUNT == 2:
-        return tl.reshape(tl.permute(tl.join(planes[first], planes[first + 1]), (0, 2, 1)), (BLOCK_N, 2 * PD))
-    tl.static_assert(COUNT == 4, "a tile has 1, 2 or 4 planes per scale group")
-    both = tl.join(tl.join(planes[first], planes[first + 1]), tl.join(planes[first + 2], planes[first + 3]))
-    return tl.reshape(tl.permute(both, (0, 3, 2, 1)), (BLOCK_N, 4 * PD))  # [r, c, i, j] holds plane i + 2 j
+        w = planes[first]
+    elif COUNT == 2:
+        w = tl.reshape(tl.permute(tl.join(planes[first], planes[first + 1]), (0, 2, 1)), (BLOCK_N, 2 * PD))
+    else:  # [r, c, i, j] holds plane first + i + 2 j
+        both = tl.join(tl.join(planes[first], planes[first + 1]), tl.join(planes[first + 2], planes[first + 3]))
+        w = tl.reshape(tl.permute(both, (0, 3, 2, 1)), (BLOCK_N, 4 * PD))
+    return w
 
 
 @triton.jit
