@@ -229,6 +229,16 @@ def _minus_zero_sums(part, z, xsum, SWAP_AB: tl.constexpr):
 
 
 @triton.jit
+def _times_row_scales(v, s, SWAP_AB: tl.constexpr):
+    """``v`` (in the accumulator's orientation) times the per-row scales ``s [BLOCK_N, 1]``."""
+    if SWAP_AB:
+        out = v * s
+    else:
+        out = v * tl.trans(s)
+    return out
+
+
+@triton.jit
 def lowbit_matmul_kernel(
     x_ptr, seg0_ptr, seg1_ptr, seg2_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, xsums_ptr,
     M, N, K, stride_xm, stride_om, stride_w0, stride_w1, stride_w2, stride_xs, k_tiles_per_split, n_groups, split_k,
@@ -353,10 +363,7 @@ def lowbit_matmul_kernel(
                 if GROUP_SCALE:
                     if ZERO_BY_SUMS:
                         part = _minus_zero_sums(part, z_tile, xsum, SWAP_AB)
-                    if SWAP_AB:
-                        acc += part * s_tile
-                    else:
-                        acc += part * tl.trans(s_tile)
+                    acc += _times_row_scales(part, s_tile, SWAP_AB)
         for j in tl.static_range(0 if MERGE else NP):
             k0 = t * KT + j * DPD
             if GROUP_SCALE:
@@ -411,20 +418,14 @@ def lowbit_matmul_kernel(
                 if (j + 1) % PLANES_PER_GROUP == 0:
                     if ZERO_BY_SUMS:
                         part = _minus_zero_sums(part, z_tile, xsum, SWAP_AB)
-                    if SWAP_AB:
-                        acc += part * s_tile
-                    else:
-                        acc += part * tl.trans(s_tile)
+                    acc += _times_row_scales(part, s_tile, SWAP_AB)
         if not GROUP_SCALE:
             acc = part
 
     if PER_CHANNEL:
         if ZERO_BY_SUMS:
             acc = _minus_zero_sums(acc, z_tile, xsum, SWAP_AB)
-        if SWAP_AB:
-            acc = acc * s_tile
-        else:
-            acc = acc * tl.trans(s_tile)
+        acc = _times_row_scales(acc, s_tile, SWAP_AB)
 
     # Offsets of the output tile, in the accumulator's orientation.
     if SWAP_AB:
