@@ -26,10 +26,17 @@ def main():
     p.add_argument("--splits", nargs="+", type=int, default=[1, 2])
     p.add_argument("--block-m", nargs="+", type=int, default=[0], help="token tiles (0: the batch's, at most 64)")
     p.add_argument("--swap", nargs="+", type=int, default=[1], help="1: weights as the wide operand, 0: not")
-    p.add_argument("--merge", nargs="+", type=int, default=[0], help="1: one product per scale group (merge_planes)")
+    p.add_argument("--merge", nargs="+", type=int, default=[0], choices=[0, 1],
+                   help="1: one product per scale group (merge_planes)")
     p.add_argument("--maxnreg", nargs="+", type=int, default=[0], help="register caps (0: none)")
     p.add_argument("--dtype", default="float16")
     a = p.parse_args()
+    for cap in a.maxnreg:
+        if cap:
+            try:
+                KernelConfig(maxnreg=cap)
+            except ValueError as e:
+                p.error(str(e))
     k, n = map(int, a.shape.lower().split("x"))
     dtype = getattr(torch, a.dtype)
     dev = torch.device("cuda")

@@ -46,9 +46,7 @@ def profile_scheme(name: str, scheme: str, batch: int, mode: str) -> None:
             cache.reset()
             return prefill()
     else:
-        decode = _decode_step(model, cache, mode)
-
-        def advance(last):
+        def advance(last, decode=_decode_step(model, cache, mode)):  # the only reference to the step
             return decode(last)[:, -1:].argmax(-1)
     for _ in range(WARMUP_STEPS):
         tokens = advance(tokens)

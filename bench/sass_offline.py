@@ -20,6 +20,8 @@ from lowbit.bench.common import random_qweight
 from lowbit.kernels.dispatch import _fast_path_constants, _scheme_constants, x_sums
 from lowbit.kernels.triton_matmul import lowbit_matmul_kernel
 
+if len(sys.argv) not in (7, 8) or not all(a.isdigit() for a in sys.argv[2:]):
+    sys.exit(__doc__)
 scheme, block_n, block_m, swap, warps, stages = sys.argv[1], *map(int, sys.argv[2:7])
 merge = len(sys.argv) > 7 and bool(int(sys.argv[7]))
 qw = random_qweight(scheme, 256, 1024, torch.float16, "cpu")

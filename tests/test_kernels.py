@@ -19,12 +19,13 @@ INTERP_SCHEMES = ["int4-g128", "int4-g32-asym", "int4-g64-asym", "int4-g128-asym
                   "fp5_e2m2-channel", "fp5_e3m1-g32",
                   "fp4_e2m1-g32", "fp4_e2m1-g32-mx", "fp3_e1m1-channel", "fp3_e2m0-g128", "int7-g128",
                   "fp7_e3m3-channel", "int4-g128-2:4", "int8-channel-2:4", "fp6_e3m2-channel-2:4", "int4-g16-asym-2:4",
-                  "int4-g128-asym-2:4", "fp4_e2m1-g32-mx-2:4", "int3-g64-2:4"]
+                  "int4-g128-asym-2:4", "fp4_e2m1-g32-mx-2:4", "int3-g64-2:4", "int4-channel-asym", "int4-g256-asym"]
 INTERP_CONFIGS = [
     KernelConfig(block_n=64, block_m=16, split_k=1, swap_ab=True, maxnreg=64),
     KernelConfig(block_n=32, block_m=32, split_k=3, swap_ab=True),
     KernelConfig(block_n=64, block_m=16, split_k=2, swap_ab=False),
     KernelConfig(block_n=32, block_m=16, split_k=2, swap_ab=True, merge_planes=True),
+    KernelConfig(block_n=32, block_m=16, split_k=1, swap_ab=False, merge_planes=True),
 ]
 
 
@@ -42,7 +43,7 @@ def poisoned(m, n, dtype, device):
 
 
 @pytest.mark.parametrize("scheme", INTERP_SCHEMES)
-@pytest.mark.parametrize("cfg", INTERP_CONFIGS, ids=["swap-maxnreg", "swap-split3", "noswap-split2", "swap-merged"])
+@pytest.mark.parametrize("cfg", INTERP_CONFIGS, ids=["swap-maxnreg", "swap-split3", "noswap-split2", "swap-merged", "noswap-merged"])
 def test_fused_kernel_matches_reference(scheme, cfg):
     m, n, k = (5, 72, 301) if not HAS_CUDA else (37, 200, 1001)  # K: not a multiple of 4 (2:4 groups) or 128
     w = torch.randn(n, k, dtype=torch.float16, device=DEVICE)
@@ -54,6 +55,24 @@ def test_fused_kernel_matches_reference(scheme, cfg):
     assert y.data_ptr() == out.data_ptr()
     assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) output elements"
     assert rel_err(y, reference(x, qw, bias)) < 2e-3
+
+
+@pytest.mark.parametrize("scheme, merges", [("int4-g128", True), ("int4-g64-asym", True), ("fp6_e3m2-channel", True),
+                                            ("int4-g32-asym", False), ("fp4_e2m1-g32", False), ("int8-channel", False),
+                                            ("int4-g128-2:4", False)])
+def test_merge_planes_only_where_it_changes_the_kernel(scheme, merges):
+    """Where ``merges_planes`` says no (one plane a group or a tile, 2:4), the flag leaves the output
+    bit for bit as it was; the tuner skips that axis there."""
+    m, n, k = 3, 64, 300
+    qw = lowbit.quantize(torch.randn(n, k, dtype=torch.float16, device=DEVICE), scheme)
+    x = torch.randn(m, k, dtype=torch.float16, device=DEVICE)
+    assert dispatch.merges_planes(qw) == merges
+    cfg = KernelConfig(block_n=32, block_m=16, split_k=1)
+    separate = dispatch.fused_matmul(x, qw, None, cfg)
+    merged = dispatch.fused_matmul(x, qw, None, KernelConfig(block_n=32, block_m=16, split_k=1, merge_planes=True))
+    assert rel_err(merged, reference(x, qw)) < 2e-3
+    if not merges:
+        assert torch.equal(merged, separate)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
@@ -188,7 +207,7 @@ def test_gpu_dispatch_every_batch(scheme, dtype):
 ], ids=lambda c: f"n{c.block_n}m{c.block_m}s{c.split_k}{'swap' if c.swap_ab else ''}{c.maxnreg or ''}"
                  f"{'merged' if c.merge_planes else ''}")
 @pytest.mark.parametrize("scheme", ["int4-g128", "int4-g32-asym", "int8-channel", "fp6_e3m2-channel", "fp4_e2m1-g32",
-                                    "int4-g128-2:4"])
+                                    "int4-g128-2:4", "int4-g64-asym", "int4-g128-asym"])
 def test_gpu_fused_configs_poisoned(scheme, cfg, dtype):
     n, k = 520, 2200
     qw = lowbit.quantize(torch.randn(n, k, dtype=dtype, device="cuda"), scheme)

@@ -28,7 +28,7 @@ from .decoders import e4m3_fp16_asm, int4_words_asm, int8_fp16_asm, planes_asm, 
 from .triton_matmul import lowbit_dequant_kernel, lowbit_matmul_kernel
 
 __all__ = ["KernelConfig", "PREFILL_FUSED", "matmul", "fused_matmul", "dequantize", "x_sums", "choose_config",
-           "heuristic_config"]
+           "heuristic_config", "merges_planes"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # float32: only the dequantization kernel (float32 activations multiply a dequantized weight).
@@ -49,7 +49,7 @@ class KernelConfig:
     # 80, 6 programs and 27 spill loads/stores a tile). None: the compiler's choice.
     maxnreg: int | None = None
     # One matrix product per scale group instead of per plane (see the kernel's MERGE): fewer
-    # waits on the matrix unit, more live registers; ignored where the scales multiply weights.
+    # waits on the matrix unit, more live registers; ignored where :func:`merges_planes` is False.
     merge_planes: bool = False
 
     def __post_init__(self):
@@ -115,6 +115,14 @@ def _fast_path_constants(qw: QuantizedWeight, compute: torch.dtype, device: torc
     elif fmt.is_float or fmt.bits < 8:
         out["ASMP"], out["ASMP_REGS"], _ = planes_asm(fmt.bits, fmt.is_float, getattr(fmt, "man_bits", 0), fp16, zero)
     return out
+
+
+def merges_planes(qw: QuantizedWeight) -> bool:
+    """Whether ``KernelConfig.merge_planes`` changes the kernel for this weight: dense codes of
+    fewer than 8 bits (several planes a tile) whose scale groups (or rows) span two planes or more."""
+    depth = _pack.plane_depth(qw.scheme.code_bits)
+    return (qw.scheme.sparsity is None and depth < _pack.TILE_K
+            and (qw.scheme.per_channel or qw.scheme.group_size >= 2 * depth))
 
 
 def _segment_args(qw: QuantizedWeight):

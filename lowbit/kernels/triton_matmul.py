@@ -173,8 +173,9 @@ def _join_planes(planes, first: tl.constexpr, COUNT: tl.constexpr, BLOCK_N: tl.c
 def _plane_product(w, rk, s, part, x_ptr, rm, m_mask, stride_xm, K, ELEMENT_SCALE: tl.constexpr,
                    SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr,
                    COMPUTE: tl.constexpr):
-    """``part`` plus the product of the weight plane ``w [BLOCK_N, D]`` (input columns ``rk``) and x
-    (``w`` times the scales ``s [BLOCK_N, D]`` first, for groups shallower than a plane)."""
+    """``part`` plus the product of the weight plane ``w [BLOCK_N, D]`` (or of planes joined along k:
+    input columns ``rk``) and x (``w`` times the scales ``s [BLOCK_N, D]`` first, for groups
+    shallower than a plane)."""
     if ELEMENT_SCALE:
         if SCALE_IN_COMPUTE:
             w = w * s.to(COMPUTE)
@@ -276,9 +277,9 @@ def lowbit_matmul_kernel(
     # of one per plane: Triton waits for each product whose weight operand is in registers before the
     # next, so this is one wait per group instead of per plane, at the price of the group's decoded
     # planes all live at once (int4-g128 128x16 tiles: 95 -> 127 registers). Dense weights whose
-    # scales multiply partial products only.
-    MERGE: tl.constexpr = MERGE_PLANES and NP > 1 and (not SPARSE) and (not ELEMENT_SCALE)
+    # scales multiply partial products of two or more planes only (:func:`~.dispatch.merges_planes`).
     PLANES_PER_DOT: tl.constexpr = PLANES_PER_GROUP if GROUP_SCALE else NP
+    MERGE: tl.constexpr = MERGE_PLANES and PLANES_PER_DOT > 1 and (not SPARSE) and (not ELEMENT_SCALE)
 
     num_m_tiles = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
@@ -357,9 +358,9 @@ def lowbit_matmul_kernel(
                     if ZERO_BY_SUMS:
                         xsum = xs_groups[d]
                 part = _plane_product(_join_planes(planes, d * PLANES_PER_DOT, PLANES_PER_DOT, BLOCK_N, PD),
-                                      t * KT + d * PLANES_PER_DOT * PD + tl.arange(0, PLANES_PER_DOT * PD), s_tile,
-                                      part, x_ptr, rm, m_mask, stride_xm, K, False, SCALE_IN_COMPUTE, EVEN_K, SWAP_AB,
-                                      COMPUTE)
+                                      t * KT + d * PLANES_PER_DOT * DPD + tl.arange(0, PLANES_PER_DOT * DPD), s_tile,
+                                      part, x_ptr, rm, m_mask, stride_xm, K, ELEMENT_SCALE, SCALE_IN_COMPUTE, EVEN_K,
+                                      SWAP_AB, COMPUTE)
                 if GROUP_SCALE:
                     if ZERO_BY_SUMS:
                         part = _minus_zero_sums(part, z_tile, xsum, SWAP_AB)

@@ -35,8 +35,8 @@ def _time(qws, x, cfg: KernelConfig, replays: int) -> float:
         return float("inf")
 
 
-def _neighbours(cfg: KernelConfig, m: int, k_tiles: int):
-    """Configs one step from ``cfg`` along each axis."""
+def _neighbours(cfg: KernelConfig, m: int, k_tiles: int, merge_axis: bool):
+    """Configs one step from ``cfg`` along each axis (``merge_planes`` only where it changes the kernel)."""
     def variant(**kw):
         return dataclasses.replace(cfg, **kw)
 
@@ -52,7 +52,8 @@ def _neighbours(cfg: KernelConfig, m: int, k_tiles: int):
     for cap in (None, 80, 64):  # a register cap: more programs per SM, some spills
         if cap != cfg.maxnreg:
             yield variant(maxnreg=cap)
-    yield variant(merge_planes=not cfg.merge_planes)
+    if merge_axis:
+        yield variant(merge_planes=not cfg.merge_planes)
     for w in (2, 4, 8):  # 2 warps (or 32-row tiles) give mma.sync, which Triton does not serialize
         if w != cfg.num_warps:
             yield variant(num_warps=w)
@@ -99,7 +100,7 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
                 seen[seed] = measure(seed)
     for _ in range(rounds):
         current = min(seen, key=seen.get)
-        for cand in _neighbours(current, m, k_tiles):
+        for cand in _neighbours(current, m, k_tiles, dispatch.merges_planes(qw)):
             if cand not in seen:
                 seen[cand] = measure(cand)
         if min(seen, key=seen.get) == current:
