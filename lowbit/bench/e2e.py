@@ -144,7 +144,7 @@ def _sync(device: torch.device) -> None:
 
 
 # The prefill time is a median: one eager prefill's time varied by 25 % between runs (session 5).
-PREFILL_REPEATS = 5
+PREFILL_REPEATS = 3
 
 
 @dataclass
