@@ -51,6 +51,31 @@ def replot(parser, path: Path, kind: str, plot_path: Path | None, plot, format_t
     return 0
 
 
+def plot_speedups(path: Path, panels: dict, xlabel: str, ylabel: str) -> None:
+    """One panel per title of ``panels`` ({title: {curve label: [(x, speedup), ...]}}): speedup
+    against a log2 x axis, with the 1x line; written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), 4.5), squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels.items()):
+        for label, pts in curves.items():
+            pts = sorted(pts)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
     """``|y - reference| / |reference|`` (Frobenius), in float32: how the benchmark and the tuner
     check a kernel's output against ``x @ dequantize().T``."""

@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from ..nn import QuantLinear, fuse_projections
 from ..scheme import Scheme
-from .common import random_qweight, replot, run_metadata
+from .common import plot_speedups, random_qweight, replot, run_metadata
 
 DENSE = "fp16"
 DEFAULT_SCHEMES = [DENSE, "int4-g128", "fp6_e3m2-channel"]
@@ -268,29 +268,12 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
-    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(6.5 * max(len(models), 1), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], models):
-        sel = [r for r in result["rows"] if r["model"] == name]
-        for scheme in dict.fromkeys(r["scheme"] for r in sel):
-            pts = sorted((r["batch"], r["speedup"]) for r in sel if r["scheme"] == scheme and r["speedup"] is not None)
-            if scheme != DENSE and pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=scheme)
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch (sequences)")
-        ax.set_ylabel("decode tokens/s over fp16")
-        ax.set_title(f"{name}, {result['gpu'] or result.get('device')}")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    device = result["gpu"] or result.get("device")
+    panels = {f"{name}, {device}": {} for name in dict.fromkeys(r["model"] for r in result["rows"])}
+    for r in result["rows"]:
+        if r["scheme"] != DENSE and r["speedup"] is not None:
+            panels[f"{r['model']}, {device}"].setdefault(r["scheme"], []).append((r["batch"], r["speedup"]))
+    plot_speedups(path, panels, "batch (sequences)", "decode tokens/s over fp16")
 
 
 def main(argv=None) -> int:

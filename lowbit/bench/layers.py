@@ -19,8 +19,8 @@ from triton.errors import TritonError
 
 from ..kernels import dispatch
 from ..scheme import Scheme
-from .common import LAYER_SETS, clone_qweight, copies_for, copy_bandwidth_gbs, graph_time_us, random_qweight, \
-    read_bandwidth_gbs, relative_error, replot, run_metadata
+from .common import LAYER_SETS, clone_qweight, copies_for, copy_bandwidth_gbs, graph_time_us, plot_speedups, \
+    random_qweight, read_bandwidth_gbs, relative_error, replot, run_metadata
 
 DEFAULT_BATCHES = [1, 8, 16, 32, 64, 128, 256, 512, 1024]
 DEFAULT_SCHEMES = ["int4-g128", "int8-channel"]
@@ -151,27 +151,11 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sets = list(dict.fromkeys(b["layer_set"] for b in result["blocks"]))
-    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4.5), squeeze=False)
-    for ax, set_name in zip(axes[0], sets):
-        sel = [b for b in result["blocks"] if b["layer_set"] == set_name]
-        for scheme, dname in dict.fromkeys((b["scheme"], b["dtype"]) for b in sel):
-            pts = sorted((b["M"], b["speedup"]) for b in sel if b["scheme"] == scheme and b["dtype"] == dname)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{scheme} ({dname})")
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch M (tokens)")
-        ax.set_ylabel("speedup over cuBLAS (same dtype)")
-        ax.set_title(f"{set_name} block, {result['gpu']}")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    panels = {}
+    for b in result["blocks"]:
+        curves = panels.setdefault(f"{b['layer_set']} block, {result['gpu']}", {})
+        curves.setdefault(f"{b['scheme']} ({b['dtype']})", []).append((b["M"], b["speedup"]))
+    plot_speedups(path, panels, "batch M (tokens)", "speedup over cuBLAS (same dtype)")
 
 
 def main(argv=None) -> int:
