@@ -278,8 +278,9 @@ def lowbit_matmul_kernel(
     # next, so this is one wait per group instead of per plane, at the price of the group's decoded
     # planes all live at once (int4-g128 128x16 tiles: 95 -> 127 registers). Dense weights whose
     # scales multiply partial products of two or more planes only (:func:`~.dispatch.merges_planes`).
-    PLANES_PER_DOT: tl.constexpr = PLANES_PER_GROUP if GROUP_SCALE else NP
-    MERGE: tl.constexpr = MERGE_PLANES and PLANES_PER_DOT > 1 and (not SPARSE) and (not ELEMENT_SCALE)
+    GROUP_PLANES: tl.constexpr = PLANES_PER_GROUP if GROUP_SCALE else NP
+    MERGE: tl.constexpr = MERGE_PLANES and GROUP_PLANES > 1 and (not SPARSE) and (not ELEMENT_SCALE)
+    PLANES_PER_PRODUCT: tl.constexpr = GROUP_PLANES if MERGE else 1
 
     num_m_tiles = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
@@ -290,7 +291,7 @@ def lowbit_matmul_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rp = tl.arange(0, PD)
-    rd = tl.arange(0, DPD)  # dense k of a plane
+    rd = tl.arange(0, PLANES_PER_PRODUCT * DPD)  # dense k of a product's planes (one, or a merged group's)
     n_mask = rn < N
     m_mask = rm < M
 
@@ -345,27 +346,12 @@ def lowbit_matmul_kernel(
             # in adjacent registers in the layouts it picks here (blocked loads, kWidth-2 operands);
             # the GPU tests over configs and the tuner's output check guard that.
             planes = _asm_planes(ASMP, ASMP_REGS, w0, w1, w2, 2 * NP if SPARSE else NP, COMPUTE)
-        if MERGE:
-            if ASM4 == "" and ASMP == "":  # plain Triton: every plane decoded first
-                planes = ()
-                for j in tl.static_range(NP):
-                    planes = planes + (_decode(_extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2),
-                                               0 if ZERO_BY_SUMS else OFFSET, COMPUTE, IS_FLOAT, BITS, MAN_BITS),)
-            for d in tl.static_range(NP // PLANES_PER_DOT):
-                if GROUP_SCALE:
-                    s_tile, z_tile = s_groups[d], z_groups[d]
-                    part = tl.zeros(acc.shape, dtype=tl.float32)
-                    if ZERO_BY_SUMS:
-                        xsum = xs_groups[d]
-                part = _plane_product(_join_planes(planes, d * PLANES_PER_DOT, PLANES_PER_DOT, BLOCK_N, PD),
-                                      t * KT + d * PLANES_PER_DOT * DPD + tl.arange(0, PLANES_PER_DOT * DPD), s_tile,
-                                      part, x_ptr, rm, m_mask, stride_xm, K, ELEMENT_SCALE, SCALE_IN_COMPUTE, EVEN_K,
-                                      SWAP_AB, COMPUTE)
-                if GROUP_SCALE:
-                    if ZERO_BY_SUMS:
-                        part = _minus_zero_sums(part, z_tile, xsum, SWAP_AB)
-                    acc += _times_row_scales(part, s_tile, SWAP_AB)
-        for j in tl.static_range(0 if MERGE else NP):
+        if MERGE and ASM4 == "" and ASMP == "":  # plain Triton: every plane decoded first, to be joined
+            planes = ()  # (zero points here are symmetric or come off through the sums of x)
+            for j in tl.static_range(NP):
+                planes = planes + (_decode(_extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2),
+                                           0 if ZERO_BY_SUMS else OFFSET, COMPUTE, IS_FLOAT, BITS, MAN_BITS),)
+        for j in tl.static_range(0, NP, PLANES_PER_PRODUCT):  # j: the product's first plane
             k0 = t * KT + j * DPD
             if GROUP_SCALE:
                 if j % PLANES_PER_GROUP == 0:
@@ -403,7 +389,9 @@ def lowbit_matmul_kernel(
                 part = _plane_product(w_g1, rk + 2, s_g1, part, x_ptr, rm, m_mask, stride_xm, K, ELEMENT_SCALE,
                                       SCALE_IN_COMPUTE, EVEN_K, SWAP_AB, COMPUTE)
             else:
-                if ASM4 != "" or ASMP != "":
+                if MERGE:
+                    w = _join_planes(planes, j, PLANES_PER_PRODUCT, BLOCK_N, PD)
+                elif ASM4 != "" or ASMP != "":
                     w = planes[j]
                 elif ASM8 != "":
                     w = tl.inline_asm_elementwise(ASM8, "=r,=r,r", [w0], dtype=tl.float16, is_pure=True, pack=4)
@@ -416,7 +404,7 @@ def lowbit_matmul_kernel(
                 part = _plane_product(w, k0 + rd, s_tile, part, x_ptr, rm, m_mask, stride_xm, K, ELEMENT_SCALE,
                                       SCALE_IN_COMPUTE, EVEN_K, SWAP_AB, COMPUTE)
             if GROUP_SCALE:
-                if (j + 1) % PLANES_PER_GROUP == 0:
+                if (j + PLANES_PER_PRODUCT) % PLANES_PER_GROUP == 0:
                     if ZERO_BY_SUMS:
                         part = _minus_zero_sums(part, z_tile, xsum, SWAP_AB)
                     acc += _times_row_scales(part, s_tile, SWAP_AB)
