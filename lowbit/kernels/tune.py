@@ -28,7 +28,7 @@ from . import dispatch
 from .dispatch import KernelConfig
 
 DEFAULT_BATCHES = [1, 8, 16, 32, 64, 128, 256, 512, 1024]
-FINALISTS = 3  # configs timed again, each on ...
+FINALISTS = 3  # configs timed again, all of them on each of ...
 CONFIRMATIONS = 2  # ... this many fresh sets of weight copies
 
 
@@ -70,9 +70,12 @@ def _neighbours(cfg: KernelConfig, m: int, k_tiles: int, merge_axis: bool):
 
 def confirm(seen: dict, retime) -> tuple[KernelConfig, float]:
     """The config of lowest median time among the ``FINALISTS`` fastest of ``seen`` (config -> us),
-    each timed ``CONFIRMATIONS`` more times by ``retime(config)``."""
+    timed ``CONFIRMATIONS`` more times by ``retime(finalists)`` (-> {config: us}, on one set of copies)."""
     finalists = sorted(seen, key=seen.get)[:FINALISTS]
-    times = {cfg: [seen[cfg]] + [retime(cfg) for _ in range(CONFIRMATIONS)] for cfg in finalists}
+    times = {cfg: [seen[cfg]] for cfg in finalists}
+    for _ in range(CONFIRMATIONS):
+        for cfg, us in retime(finalists).items():
+            times[cfg].append(us)
     best = min(finalists, key=lambda cfg: statistics.median(times[cfg]))
     return best, statistics.median(times[best])
 
@@ -128,8 +131,9 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
     heuristic_us, tried = next(iter(seen.values())), len(seen)
     del qws
 
-    def retime(cfg: KernelConfig) -> float:
-        return _time(_weight_copies(qw), x, cfg, replays)
+    def retime(finalists: list) -> dict:
+        copies = _weight_copies(qw)
+        return {cfg: _time(copies, x, cfg, replays) for cfg in finalists}
 
     measured = {cfg: us for cfg, us in seen.items() if us != float("inf")}
     if not measured:
