@@ -3,7 +3,7 @@ ptxas and cuobjdump) and count the SASS instructions that matter: no device time
 whether the matrix instructions are wgmma or mma.sync, whether the activation loads are
 asynchronous, how many decode instructions the loop holds, and its registers per thread (occupancy).
 
-    python bench/sass_offline.py SCHEME BLOCK_N BLOCK_M SWAP_AB NUM_WARPS NUM_STAGES [MERGE_PLANES [SCALE_WEIGHTS]]
+    python bench/sass_offline.py SCHEME BLOCK_N BLOCK_M SWAP_AB NUM_WARPS NUM_STAGES [MERGE_PLANES]
 """
 import collections
 import re
@@ -20,16 +20,15 @@ from lowbit.bench.common import random_qweight
 from lowbit.kernels.dispatch import _fast_path_constants, _scheme_constants, x_sums
 from lowbit.kernels.triton_matmul import lowbit_matmul_kernel
 
-if len(sys.argv) not in (7, 8, 9) or not all(a.isdigit() for a in sys.argv[2:]):
+if len(sys.argv) not in (7, 8) or not all(a.isdigit() for a in sys.argv[2:]):
     sys.exit(__doc__)
 scheme, block_n, block_m, swap, warps, stages = sys.argv[1], *map(int, sys.argv[2:7])
 merge = len(sys.argv) > 7 and bool(int(sys.argv[7]))
-scale_weights = len(sys.argv) > 8 and bool(int(sys.argv[8]))
 qw = random_qweight(scheme, 256, 1024, torch.float16, "cpu")
 consts = {**_scheme_constants(qw, torch.float16), **_fast_path_constants(qw, torch.float16, torch.device("cuda")),
           "HAS_BIAS": False, "EVEN_K": True, "SPARSE": qw.scheme.sparsity is not None, "BLOCK_N": block_n,
-          "HAS_X_SUMS": x_sums(torch.zeros(1, 1024, dtype=torch.float16), qw, 128, scale_weights) is not None,
-          "BLOCK_M": block_m, "SWAP_AB": bool(swap), "MERGE_PLANES": merge, "SCALE_WEIGHTS": scale_weights}
+          "HAS_X_SUMS": x_sums(torch.zeros(1, 1024, dtype=torch.float16), qw, 128) is not None,
+          "BLOCK_M": block_m, "SWAP_AB": bool(swap), "MERGE_PLANES": merge}
 names = lowbit_matmul_kernel.arg_names
 TYPES = {torch.uint8: "*u8", torch.int16: "*i16", torch.int32: "*i32", torch.float16: "*fp16", torch.float32: "*fp32"}
 segs = list(qw.packed) + [qw.packed[0]] * (3 - len(qw.packed))  # as dispatch passes them
@@ -51,7 +50,7 @@ usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_outpu
 registers = " ".join(re.findall(r"(REG:\d+|STACK:\d+)", usage))  # registers per thread, spill stack bytes
 ops = collections.Counter(m.split(".")[0] for m in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)",
                                                               sass, re.M))
-print(f"{scheme} block_n={block_n} block_m={block_m} swap={bool(swap)} warps={warps} stages={stages} merge={merge} scale_weights={scale_weights}: "
+print(f"{scheme} block_n={block_n} block_m={block_m} swap={bool(swap)} warps={warps} stages={stages} merge={merge}: "
       f"{sum(ops.values())} instructions, shared {kernel.metadata.shared} B, {registers}")
 print(" ".join(f"{op}:{n}" for op, n in ops.most_common(30)))
 print("waits after each wgmma:", sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0"))

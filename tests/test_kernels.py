@@ -26,8 +26,6 @@ INTERP_CONFIGS = [
     KernelConfig(block_n=64, block_m=16, split_k=2, swap_ab=False),
     KernelConfig(block_n=32, block_m=16, split_k=2, swap_ab=True, merge_planes=True),
     KernelConfig(block_n=32, block_m=16, split_k=1, swap_ab=False, merge_planes=True),
-    KernelConfig(block_n=32, block_m=32, split_k=2, swap_ab=False, merge_planes=True, scale_weights=True),
-    KernelConfig(block_n=64, block_m=16, split_k=1, swap_ab=True, scale_weights=True),
 ]
 
 
@@ -45,8 +43,7 @@ def poisoned(m, n, dtype, device):
 
 
 @pytest.mark.parametrize("scheme", INTERP_SCHEMES)
-@pytest.mark.parametrize("cfg", INTERP_CONFIGS, ids=["swap-maxnreg", "swap-split3", "noswap-split2", "swap-merged", "noswap-merged",
-                                              "noswap-merged-scaled", "swap-scaled"])
+@pytest.mark.parametrize("cfg", INTERP_CONFIGS, ids=["swap-maxnreg", "swap-split3", "noswap-split2", "swap-merged", "noswap-merged"])
 def test_fused_kernel_matches_reference(scheme, cfg):
     m, n, k = (5, 72, 301) if not HAS_CUDA else (37, 200, 1001)  # K: not a multiple of 4 (2:4 groups) or 128
     w = torch.randn(n, k, dtype=torch.float16, device=DEVICE)
@@ -76,23 +73,6 @@ def test_merge_planes_only_where_it_changes_the_kernel(scheme, merges):
     assert rel_err(merged, reference(x, qw)) < 2e-3
     if not merges:
         assert torch.equal(merged, separate)
-
-
-@pytest.mark.parametrize("scheme, scales", [("int4-g128", True), ("int4-g64-asym", True), ("fp4_e2m1-g32", True),
-                                            ("int4-g128-2:4", True), ("int4-g32-asym", True), ("int3-g16-asym", False), ("int8-channel", False),
-                                            ("fp6_e3m2-channel", False), ("int8-g64", False), ("int4-g16-asym-2:4", False)])
-def test_scale_weights_only_where_it_changes_the_kernel(scheme, scales):
-    """``scale_weights`` is right where ``scales_weights`` says it applies, and elsewhere (per-channel
-    scales, groups shallower than a plane) leaves the output bit for bit as it was."""
-    m, n, k = 3, 64, 300
-    qw = lowbit.quantize(torch.randn(n, k, dtype=torch.float16, device=DEVICE), scheme)
-    x = torch.randn(m, k, dtype=torch.float16, device=DEVICE)
-    assert dispatch.scales_weights(qw) == scales
-    separate = dispatch.fused_matmul(x, qw, None, KernelConfig(block_n=32, block_m=16, split_k=1))
-    scaled = dispatch.fused_matmul(x, qw, None, KernelConfig(block_n=32, block_m=16, split_k=1, scale_weights=True))
-    assert rel_err(scaled, reference(x, qw)) < 2e-3
-    if not scales:
-        assert torch.equal(scaled, separate)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
@@ -224,10 +204,8 @@ def test_gpu_dispatch_every_batch(scheme, dtype):
     KernelConfig(block_n=128, block_m=16, split_k=4, num_stages=3, maxnreg=64),  # spills
     KernelConfig(block_n=128, block_m=16, split_k=4, num_stages=3, merge_planes=True),
     KernelConfig(block_n=64, block_m=128, split_k=2, swap_ab=False, num_warps=4, merge_planes=True),
-    KernelConfig(block_n=128, block_m=128, split_k=2, swap_ab=False, num_warps=8, merge_planes=True, scale_weights=True),
-    KernelConfig(block_n=128, block_m=64, split_k=1, swap_ab=True, num_warps=8, scale_weights=True),
 ], ids=lambda c: f"n{c.block_n}m{c.block_m}s{c.split_k}{'swap' if c.swap_ab else ''}{c.maxnreg or ''}"
-                 f"{'merged' if c.merge_planes else ''}{'scaled' if c.scale_weights else ''}")
+                 f"{'merged' if c.merge_planes else ''}")
 @pytest.mark.parametrize("scheme", ["int4-g128", "int4-g32-asym", "int8-channel", "fp6_e3m2-channel", "fp4_e2m1-g32",
                                     "int4-g128-2:4", "int4-g64-asym", "int4-g128-asym"])
 def test_gpu_fused_configs_poisoned(scheme, cfg, dtype):

@@ -28,7 +28,7 @@ from .decoders import e4m3_fp16_asm, int4_words_asm, int8_fp16_asm, planes_asm, 
 from .triton_matmul import lowbit_dequant_kernel, lowbit_matmul_kernel
 
 __all__ = ["KernelConfig", "PREFILL_FUSED", "matmul", "fused_matmul", "dequantize", "x_sums", "choose_config",
-           "heuristic_config", "merges_planes", "scales_weights"]
+           "heuristic_config", "merges_planes"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # float32: only the dequantization kernel (float32 activations multiply a dequantized weight).
@@ -51,9 +51,6 @@ class KernelConfig:
     # One matrix product per scale group instead of per plane (see the kernel's MERGE): fewer
     # waits on the matrix unit, more live registers; ignored where :func:`merges_planes` is False.
     merge_planes: bool = False
-    # Group scales multiply the weights before each product (one accumulator) instead of each group's
-    # fp32 partial product (see the kernel's WEIGHT_SCALE); ignored where :func:`scales_weights` is False.
-    scale_weights: bool = False
 
     def __post_init__(self):
         if self.path not in ("fused", "dequant"):
@@ -128,13 +125,6 @@ def merges_planes(qw: QuantizedWeight) -> bool:
             and (qw.scheme.per_channel or qw.scheme.group_size >= 2 * depth))
 
 
-def scales_weights(qw: QuantizedWeight) -> bool:
-    """Whether ``KernelConfig.scale_weights`` changes the kernel for this weight: group scales at least
-    a plane deep (shallower groups scale every weight anyway; per-channel scales the output)."""
-    return not qw.scheme.per_channel and qw.scheme.group_size >= _pack.plane_depth(qw.scheme.code_bits) * \
-        (2 if qw.scheme.sparsity else 1)
-
-
 def _segment_args(qw: QuantizedWeight):
     segs = list(qw.packed) + [qw.packed[0]] * (3 - len(qw.packed))
     return segs, [s.stride(0) for s in segs]
@@ -168,7 +158,7 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
     grid_mn = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     counters = _counters(x.device, grid_mn) if split > 1 else out
-    sums = x_sums(x, qw, per_split * dense_tile, cfg.scale_weights)
+    sums = x_sums(x, qw, per_split * dense_tile)
     segs, strides = _segment_args(qw)
     lowbit_matmul_kernel[(grid_mn, split)](
         x, *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, bias if bias is not None else out,
@@ -176,21 +166,20 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
         0 if sums is None else sums.stride(0), per_split, qw.num_groups, split, HAS_X_SUMS=sums is not None,
         HAS_BIAS=bias is not None, EVEN_K=k % dense_tile == 0, SPARSE=qw.scheme.sparsity is not None,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab, MERGE_PLANES=cfg.merge_planes,
-        SCALE_WEIGHTS=cfg.scale_weights,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
         **{**_scheme_constants(qw, x.dtype), **_fast_path_constants(qw, x.dtype, x.device)})
     return out
 
 
-def x_sums(x: torch.Tensor, qw: QuantizedWeight, k_per_split: int, scale_weights: bool = False) -> torch.Tensor | None:
+def x_sums(x: torch.Tensor, qw: QuantizedWeight, k_per_split: int) -> torch.Tensor | None:
     """float32 sums of ``x [M, K]`` over the blocks of k whose zero-point correction the fused kernel
     applies at once: each group of at least a plane (at most a tile), or for per-channel scales the
     ``k_per_split`` columns of each split-K program. ``[blocks, M]`` (the kernel loads rows along the
     tokens); None where the kernel subtracts zero points from the codes instead (symmetric, 2:4,
-    groups shallower than a plane, weights scaled by a config's ``scale_weights``)."""
+    groups shallower than a plane)."""
     scheme = qw.scheme
-    if scheme.symmetric or scheme.sparsity or (not scheme.per_channel and (
-            scheme.group_size < _pack.plane_depth(scheme.code_bits) or scale_weights)):
+    if scheme.symmetric or scheme.sparsity or (not scheme.per_channel and
+                                               scheme.group_size < _pack.plane_depth(scheme.code_bits)):
         return None
     block = k_per_split if scheme.per_channel else min(scheme.group_size, _pack.TILE_K)
     m, k = x.shape

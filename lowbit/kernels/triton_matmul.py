@@ -170,13 +170,13 @@ def _join_planes(planes, first: tl.constexpr, COUNT: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
-def _plane_product(w, rk, s, part, x_ptr, rm, m_mask, stride_xm, K, SCALE_FIRST: tl.constexpr,
+def _plane_product(w, rk, s, part, x_ptr, rm, m_mask, stride_xm, K, ELEMENT_SCALE: tl.constexpr,
                    SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr,
                    COMPUTE: tl.constexpr):
     """``part`` plus the product of the weight plane ``w [BLOCK_N, D]`` (or of planes joined along k:
-    input columns ``rk``) and x (with ``SCALE_FIRST``, ``w`` times the scales ``s`` first: ``[BLOCK_N, D]``
-    for groups shallower than a plane, ``[BLOCK_N, 1]`` for scaled weights)."""
-    if SCALE_FIRST:
+    input columns ``rk``) and x (``w`` times the scales ``s [BLOCK_N, D]`` first, for groups
+    shallower than a plane)."""
+    if ELEMENT_SCALE:
         if SCALE_IN_COMPUTE:
             w = w * s.to(COMPUTE)
         else:
@@ -250,7 +250,7 @@ def lowbit_matmul_kernel(
     ASMP: tl.constexpr, ASMP_REGS: tl.constexpr, SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr,
     ROW_BLOCK: tl.constexpr,
     SPARSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr,
-    MERGE_PLANES: tl.constexpr, SCALE_WEIGHTS: tl.constexpr,
+    MERGE_PLANES: tl.constexpr,
 ):
     TILE_K: tl.constexpr = 128
     NP: tl.constexpr = TILE_K // PD  # planes per tile
@@ -262,12 +262,6 @@ def lowbit_matmul_kernel(
     # accumulator element); shallower groups scale every weight.
     GROUP_SCALE: tl.constexpr = (not PER_CHANNEL) and GROUP_SIZE >= DPD
     ELEMENT_SCALE: tl.constexpr = (not PER_CHANNEL) and GROUP_SIZE < DPD
-    # Or (SCALE_WEIGHTS, as MARLIN does) groups of at least a plane scale the weights too, by one scale
-    # a row, and every product accumulates into one accumulator: no fp32 partial a group (for large
-    # token tiles, half the accumulator registers and the partial's multiply-adds), one multiply
-    # per two weights instead (:func:`~.dispatch.scales_weights`).
-    WEIGHT_SCALE: tl.constexpr = GROUP_SCALE and SCALE_WEIGHTS
-    GROUP_PARTIAL: tl.constexpr = GROUP_SCALE and not SCALE_WEIGHTS
     PLANES_PER_GROUP: tl.constexpr = (KT if GROUP_SIZE >= KT else GROUP_SIZE) // DPD if GROUP_SCALE else NP
     # Zero points of whole groups (or rows) leave the weights as raw codes and come off the partial
     # product: sum_k (q - z) x = sum_k q x - z sum_k x, with the sums of x over each group (at most a
@@ -276,7 +270,7 @@ def lowbit_matmul_kernel(
     # matrix unit cost a second dot and a wgmma wait per group; sums across threads in the kernel,
     # shuffles and a layout conversion per plane: run 21.) Not for 2:4 weights: their pruned entries
     # are 0, not q = z (zero points meet the kept codes instead).
-    ZERO_BY_SUMS: tl.constexpr = (not SYMMETRIC) and (not ELEMENT_SCALE) and (not SPARSE) and (not WEIGHT_SCALE)
+    ZERO_BY_SUMS: tl.constexpr = (not SYMMETRIC) and (not ELEMENT_SCALE) and (not SPARSE)
     tl.static_assert(ZERO_BY_SUMS == HAS_X_SUMS, "dispatch.x_sums and the kernel disagree on zero-point sums")
     GROUPS_PER_TILE: tl.constexpr = NP // PLANES_PER_GROUP if GROUP_SCALE else 0
     # One matrix product per scale group (per-channel: per tile), its planes joined along k, instead
@@ -341,7 +335,7 @@ def lowbit_matmul_kernel(
             w1 = _load_words(seg1_ptr, rn, t, stride_w1, n_mask, SEG1, PD, ROW_BLOCK, BLOCK_N, True)
         if SEG2 > 0:
             w2 = _load_words(seg2_ptr, rn, t, stride_w2, n_mask, SEG2, PD, ROW_BLOCK, BLOCK_N, True)
-        if not GROUP_PARTIAL:
+        if not GROUP_SCALE:
             part = acc
         if ASM4 != "":  # (a dtype tuple holds plain dtypes: COMPUTE.value, not the constexpr)
             planes = tl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [w0], dtype=(COMPUTE.value,) * NP, is_pure=True,
@@ -353,17 +347,16 @@ def lowbit_matmul_kernel(
             # the GPU tests over configs and the tuner's output check guard that.
             planes = _asm_planes(ASMP, ASMP_REGS, w0, w1, w2, 2 * NP if SPARSE else NP, COMPUTE)
         if MERGE and ASM4 == "" and ASMP == "":  # plain Triton: every plane decoded first, to be joined
-            planes = ()  # raw codes where zero points vary by row (subtracted per product below)
+            planes = ()  # (zero points here are symmetric or come off through the sums of x)
             for j in tl.static_range(NP):
                 planes = planes + (_decode(_extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2),
-                                           OFFSET if SYMMETRIC else 0, COMPUTE, IS_FLOAT, BITS, MAN_BITS),)
+                                           0 if ZERO_BY_SUMS else OFFSET, COMPUTE, IS_FLOAT, BITS, MAN_BITS),)
         for j in tl.static_range(0, NP, PLANES_PER_PRODUCT):  # j: the product's first plane
             k0 = t * KT + j * DPD
             if GROUP_SCALE:
                 if j % PLANES_PER_GROUP == 0:
                     s_tile, z_tile = s_groups[j // PLANES_PER_GROUP], z_groups[j // PLANES_PER_GROUP]
-                    if GROUP_PARTIAL:
-                        part = tl.zeros(acc.shape, dtype=tl.float32)
+                    part = tl.zeros(acc.shape, dtype=tl.float32)
                     if ZERO_BY_SUMS:
                         xsum = xs_groups[j // PLANES_PER_GROUP]
             if ELEMENT_SCALE:  # several groups in a plane: per-element scales
@@ -391,10 +384,10 @@ def lowbit_matmul_kernel(
                                             rn[:, None], n_mask[:, None], N, True, SCALE_MX, OFFSET, FLOAT_FACTOR)
                 else:
                     s_g1 = s_tile
-                part = _plane_product(w, rk, s_tile, part, x_ptr, rm, m_mask, stride_xm, K,
-                                      ELEMENT_SCALE or WEIGHT_SCALE, SCALE_IN_COMPUTE, EVEN_K, SWAP_AB, COMPUTE)
-                part = _plane_product(w_g1, rk + 2, s_g1, part, x_ptr, rm, m_mask, stride_xm, K,
-                                      ELEMENT_SCALE or WEIGHT_SCALE, SCALE_IN_COMPUTE, EVEN_K, SWAP_AB, COMPUTE)
+                part = _plane_product(w, rk, s_tile, part, x_ptr, rm, m_mask, stride_xm, K, ELEMENT_SCALE,
+                                      SCALE_IN_COMPUTE, EVEN_K, SWAP_AB, COMPUTE)
+                part = _plane_product(w_g1, rk + 2, s_g1, part, x_ptr, rm, m_mask, stride_xm, K, ELEMENT_SCALE,
+                                      SCALE_IN_COMPUTE, EVEN_K, SWAP_AB, COMPUTE)
             else:
                 if MERGE:
                     w = _join_planes(planes, j, PLANES_PER_PRODUCT, BLOCK_N, PD)
@@ -405,17 +398,17 @@ def lowbit_matmul_kernel(
                 else:
                     w = _decode(_extract_codes(w0, w1, w2, j, SEG0, SEG1, SEG2), 0 if ZERO_BY_SUMS else z_tile,
                                 COMPUTE, IS_FLOAT, BITS, MAN_BITS)
-                if ASM4 != "" or ASM8 != "" or ASMP != "" or MERGE:
-                    if not SYMMETRIC and not ZERO_BY_SUMS:  # codes left raw; the zero point varies per row
+                if ASM4 != "" or ASM8 != "" or ASMP != "":
+                    if not SYMMETRIC and not ZERO_BY_SUMS:  # the asm left ``code``; the zero point varies per row
                         w = w - z_tile.to(COMPUTE)
-                part = _plane_product(w, k0 + rd, s_tile, part, x_ptr, rm, m_mask, stride_xm, K,
-                                      ELEMENT_SCALE or WEIGHT_SCALE, SCALE_IN_COMPUTE, EVEN_K, SWAP_AB, COMPUTE)
-            if GROUP_PARTIAL:
+                part = _plane_product(w, k0 + rd, s_tile, part, x_ptr, rm, m_mask, stride_xm, K, ELEMENT_SCALE,
+                                      SCALE_IN_COMPUTE, EVEN_K, SWAP_AB, COMPUTE)
+            if GROUP_SCALE:
                 if (j + PLANES_PER_PRODUCT) % PLANES_PER_GROUP == 0:
                     if ZERO_BY_SUMS:
                         part = _minus_zero_sums(part, z_tile, xsum, SWAP_AB)
                     acc += _times_row_scales(part, s_tile, SWAP_AB)
-        if not GROUP_PARTIAL:
+        if not GROUP_SCALE:
             acc = part
 
     if PER_CHANNEL:

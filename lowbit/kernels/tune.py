@@ -30,10 +30,6 @@ from .dispatch import KernelConfig
 DEFAULT_BATCHES = [1, 8, 16, 32, 64, 128, 256, 512, 1024]
 FINALISTS = 3  # configs timed again, all of them on each of ...
 CONFIRMATIONS = 2  # ... this many fresh sets of weight copies
-# Scaled weights pay a multiply per two weights (and, for small token tiles, a trip through shared
-# memory to the matrix unit's operand layout: offline SASS of 128x16 tiles, 904 -> 1184 instructions);
-# they can only pay off where the partial products' registers and multiply-adds are large.
-SCALE_WEIGHTS_FROM_M = 64
 
 
 def _time(qws, x, cfg: KernelConfig, replays: int) -> float:
@@ -44,9 +40,8 @@ def _time(qws, x, cfg: KernelConfig, replays: int) -> float:
         return float("inf")
 
 
-def _neighbours(cfg: KernelConfig, m: int, k_tiles: int, merge_axis: bool, scale_axis: bool):
-    """Configs one step from ``cfg`` along each axis (``merge_planes`` and ``scale_weights`` only where
-    they change the kernel)."""
+def _neighbours(cfg: KernelConfig, m: int, k_tiles: int, merge_axis: bool):
+    """Configs one step from ``cfg`` along each axis (``merge_planes`` only where it changes the kernel)."""
     def variant(**kw):
         return dataclasses.replace(cfg, **kw)
 
@@ -64,8 +59,6 @@ def _neighbours(cfg: KernelConfig, m: int, k_tiles: int, merge_axis: bool, scale
             yield variant(maxnreg=cap)
     if merge_axis:
         yield variant(merge_planes=not cfg.merge_planes)
-    if scale_axis:
-        yield variant(scale_weights=not cfg.scale_weights)
     for w in (2, 4, 8):  # 2 warps (or 32-row tiles) give mma.sync, which Triton does not serialize
         if w != cfg.num_warps:
             yield variant(num_warps=w)
@@ -128,8 +121,7 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
                 seen[seed] = measure(seed)
     for _ in range(rounds):
         current = min(seen, key=seen.get)
-        for cand in _neighbours(current, m, k_tiles, dispatch.merges_planes(qw),
-                                dispatch.scales_weights(qw) and m >= SCALE_WEIGHTS_FROM_M):
+        for cand in _neighbours(current, m, k_tiles, dispatch.merges_planes(qw)):
             if cand not in seen:
                 seen[cand] = measure(cand)
         if min(seen, key=seen.get) == current:
