@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import ops as _ops
 from .ops import BACKENDS
 from .qweight import QuantizedWeight, check_fusable, fuse_columns, packed_layout
 from .quantize import quantize
@@ -74,10 +75,9 @@ class QuantLinear(nn.Module):
         return cls.from_qweight(qw, None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.lowbit.matmul(
-            x, [getattr(self, n) for n in self._packed_names], self.scales, self.zeros, self.perm, self.bias,
-            str(self.scheme), self.out_features, self.in_features,
-            str(self.weight_dtype).removeprefix("torch."), self.backend)
+        return _ops.call(x, [getattr(self, n) for n in self._packed_names], self.scales, self.zeros, self.perm,
+                         self.bias, str(self.scheme), self.out_features, self.in_features,
+                         str(self.weight_dtype).removeprefix("torch."), self.backend)
 
     def set_backend(self, backend: str) -> "QuantLinear":
         if backend not in BACKENDS:

@@ -168,6 +168,19 @@ def test_tuned_entry_token_tile_fits_the_batch(monkeypatch):
     dispatch._choose.cache_clear()
 
 
+def test_heuristic_prefill_path():
+    """Past 128 tokens: the fused kernel's prefill tiles up to 256 tokens (symmetric dense weights),
+    dequantize + cuBLAS beyond, and for zero points or 2:4 weights (their prefill tiles spill)."""
+    cpu = torch.device("cpu")
+    assert dispatch.heuristic_config(200, 8192, 8192, 4, 132) == dispatch.PREFILL_FUSED
+    assert dispatch.heuristic_config(300, 8192, 8192, 4, 132).path == "dequant"
+    assert dispatch.heuristic_config(200, 8192, 8192, 4, 132, prefill_fused=False).path == "dequant"
+    for scheme, path in (("int4-g128", "fused"), ("fp6_e3m2-channel", "fused"), ("int4-g128-asym", "dequant"),
+                         ("int4-g128-2:4", "dequant")):
+        qw = lowbit.quantize(torch.randn(256, 512), scheme)
+        assert dispatch.choose_config(200, qw, cpu).path == path, scheme
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 GPU_SCHEMES = ["int4-g128", "int4-g64", "int4-g32", "int4-channel", "int4-g128-asym", "int4-g32-asym", "int8-channel",
                "int8-g128", "int2-g64", "int3-g128", "fp8_e4m3-channel", "fp6_e3m2-channel", "fp6_e2m3-channel",

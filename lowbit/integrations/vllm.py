@@ -31,6 +31,7 @@ import functools
 
 import torch
 
+from .. import ops as lowbit_ops
 from .. import pack as _pack
 from ..qweight import QuantizedWeight, check_row_blocks, fuse_columns, packed_layout
 from ..scheme import Scheme
@@ -237,7 +238,7 @@ def _vllm_classes():
                     setattr(layer, name, nn.Parameter(getattr(layer, name).data, requires_grad=False))
 
         def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-            return torch.ops.lowbit.matmul(
+            return lowbit_ops.call(
                 x, [getattr(layer, name) for name in self.packed_names], layer.scales, getattr(layer, "zeros", None),
                 getattr(layer, "perm", None), bias, str(self.scheme), layer.lowbit_out_features,
                 layer.lowbit_in_features, str(self.dtype).removeprefix("torch."), "auto")

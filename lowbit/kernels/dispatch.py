@@ -215,25 +215,30 @@ def _num_sms(device: torch.device) -> int:
         if device.type == "cuda" else 8
 
 
-# The fused kernel's best prefill tiles on the 70B layers at 256 tokens (tuned, H200): where the tuned
-# table has no entry, past 128 tokens dequantizing once and calling cuBLAS is faster for most schemes.
-PREFILL_FUSED = KernelConfig(block_n=256, block_m=64, split_k=1, swap_ab=True, num_warps=8, num_stages=3)
+# The fused kernel's best prefill tiles probed on the 70B gate_up layer (H200, session 6): at 256 tokens
+# int4-g128 463 us against 490 for 256x64 tiles and 720 for dequantize + cuBLAS (cuBLAS alone: 351),
+# int8 610 against 712; at 1024 tokens dequantize + cuBLAS is faster (int4 1868 against 1969 us).
+PREFILL_FUSED = KernelConfig(block_n=128, block_m=128, split_k=1, swap_ab=True, num_warps=8, num_stages=3,
+                             merge_planes=True)
+PREFILL_FUSED_UP_TO = 256
 
 
-def heuristic_config(m: int, n: int, k: int, bits: int, sms: int, narrow: bool = False) -> KernelConfig:
+def heuristic_config(m: int, n: int, k: int, bits: int, sms: int, narrow: bool = False,
+                     prefill_fused: bool = True) -> KernelConfig:
     """A config from what tuning found on Hopper (used where no tuned entry exists).
 
     Up to 128 tokens, weights as the wide operand (swap A/B): up to 32 tokens 128-row tiles and 4
     warps, split-K until about 12 programs per SM (the loop is latency-bound: more programs in
-    flight hide more of it); larger batches 64-row by 64-token tiles, about 2 programs per SM. Past
-    128 tokens: dequantize once and call cuBLAS (measured on the 70B layers at 256 tokens: 0.4-0.5x
-    of cuBLAS alone, against 0.3-0.5x for :data:`PREFILL_FUSED`, except int4-g128, whose tuned
-    entries run it at 0.74x). ``narrow`` (:func:`narrow_zero_groups`: four groups' scales, zeros and
+    flight hide more of it); larger batches 64-row by 64-token tiles, about 2 programs per SM. Up to
+    256 tokens :data:`PREFILL_FUSED` (where ``prefill_fused``: not for zero points, whose 128x128
+    tiles spill registers, nor 2:4 weights), past that dequantize once and call cuBLAS. ``narrow`` (:func:`narrow_zero_groups`: four groups' scales, zeros and
     sums of x per tile) fits registers only with 16-token tiles (32 spilled: 0.29x at M=32, against
     0.97x at 16), so past 32 tokens it dequantizes.
     """
-    if m > (32 if narrow else 128):
+    if m > (32 if narrow else PREFILL_FUSED_UP_TO if prefill_fused else 128):
         return KernelConfig(path="dequant")
+    if m > 128:
+        return PREFILL_FUSED
     k_tiles = triton.cdiv(k, _pack.TILE_K)
     small = m <= 32
     block_n = 128 if small else 64
@@ -284,7 +289,7 @@ def _choose(slug: str, key: tuple, sparse: bool, sms: int) -> KernelConfig:
     m, n, k, bits = want.pop("m"), want["n"], want["k"], want["bits"]
     narrow = narrow_zero_groups(want["symmetric"], want["group_size"])
     if sparse:  # no tuned entries for 2:4 weights yet (their k-tiles are 256 deep)
-        return heuristic_config(m, n, k // 2, bits, sms, narrow)
+        return heuristic_config(m, n, k // 2, bits, sms, narrow, prefill_fused=False)
     entries = [(e, cfg) for e, cfg in tuned_table(slug) if all(e.get(name) == value for name, value in want.items())]
     above = [e for e in entries if e[0]["m"] >= m]
     if above:  # the tuned entry of the smallest batch bucket >= m
@@ -293,7 +298,7 @@ def _choose(slug: str, key: tuple, sparse: bool, sms: int) -> KernelConfig:
         if cfg.path == "fused" and cfg.swap_ab and cfg.block_m > fit:
             cfg = KernelConfig(**{**asdict(cfg), "block_m": fit})
         return cfg
-    return heuristic_config(m, n, k, bits, sms, narrow)
+    return heuristic_config(m, n, k, bits, sms, narrow, prefill_fused=want["symmetric"])
 
 
 def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, force_triton: bool = False,

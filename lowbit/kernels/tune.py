@@ -92,7 +92,8 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
     k_tiles = -(-qw.in_features // 128)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     best = dispatch.heuristic_config(m, qw.out_features, qw.in_features, qw.scheme.bits, sms,
-                                     dispatch.narrow_zero_groups(qw.scheme.symmetric, qw.scheme.group_size))
+                                     dispatch.narrow_zero_groups(qw.scheme.symmetric, qw.scheme.group_size),
+                                     prefill_fused=qw.scheme.symmetric)
     if best.path == "dequant":  # the fused kernel at its prefill tiles is a candidate too
         best = dispatch.PREFILL_FUSED
 
