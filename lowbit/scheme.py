@@ -16,6 +16,7 @@ Grammar of ``Scheme.parse`` (and of ``str(scheme)``)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 from . import formats as _formats
 from . import pack as _pack
@@ -53,7 +54,7 @@ class Scheme:
         if self.mx and g == -1:
             raise ValueError("mx scales need a group size (the MX convention is g32)")
 
-    @property
+    @cached_property  # read on every matmul call (in the instance's __dict__: not a field, no effect on ==)
     def fmt(self) -> _formats.Format:
         return _formats.get(self.format)
 
@@ -80,6 +81,10 @@ class Scheme:
             return text
         if not isinstance(text, str) or not text:
             raise ValueError(f"a scheme is a string like 'int4-g128', got {text!r}")
+        return _parse(cls, text)
+
+    @classmethod
+    def _from_text(cls, text: str) -> "Scheme":
         parts = text.strip().lower().split("-")
         if len(parts) < 2:
             raise ValueError(f"scheme {text!r}: expected FORMAT-gG or FORMAT-channel, e.g. 'int4-g128', "
@@ -107,3 +112,8 @@ class Scheme:
         if self.sparsity:
             s += f"-{self.sparsity}"
         return s
+
+
+@lru_cache(maxsize=256)  # parsed on every matmul call (the op passes the scheme as text); a Scheme is immutable
+def _parse(cls, text: str) -> Scheme:
+    return cls._from_text(text)

@@ -169,14 +169,14 @@ def test_tuned_entry_token_tile_fits_the_batch(monkeypatch):
 
 
 def test_heuristic_prefill_path():
-    """Past 128 tokens: the fused kernel's prefill tiles up to 256 tokens (symmetric dense weights),
-    dequantize + cuBLAS beyond, and for zero points or 2:4 weights (their prefill tiles spill)."""
+    """Past 128 tokens: the fused kernel's prefill tiles up to 256 tokens (symmetric dense weights with
+    per-channel scales or groups of 128+), dequantize + cuBLAS beyond, and for the others (they spill)."""
     cpu = torch.device("cpu")
     assert dispatch.heuristic_config(200, 8192, 8192, 4, 132) == dispatch.PREFILL_FUSED
     assert dispatch.heuristic_config(300, 8192, 8192, 4, 132).path == "dequant"
     assert dispatch.heuristic_config(200, 8192, 8192, 4, 132, prefill_fused=False).path == "dequant"
     for scheme, path in (("int4-g128", "fused"), ("fp6_e3m2-channel", "fused"), ("int4-g128-asym", "dequant"),
-                         ("int4-g128-2:4", "dequant")):
+                         ("fp4_e2m1-g32", "dequant"), ("int4-g64", "dequant"), ("int4-g128-2:4", "dequant")):
         qw = lowbit.quantize(torch.randn(256, 512), scheme)
         assert dispatch.choose_config(200, qw, cpu).path == path, scheme
 
@@ -290,6 +290,21 @@ def test_gpu_chained_split_k_matmuls(scheme, m):
         graph.replay()
         torch.cuda.synchronize()
         check(outs)
+
+
+@pytest.mark.parametrize("error", ["ptxas", "resources"])
+def test_tuner_skips_configs_that_do_not_compile(monkeypatch, error):
+    """A config this GPU cannot build (a register cap below what its tile needs: ptxas refuses it; too
+    much shared memory) is no candidate: the tuner times it as never, instead of stopping."""
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    from lowbit.kernels import tune
+
+    def refuse(*_):
+        raise PTXASError("Insufficient registers (80)") if error == "ptxas" else OutOfResources(300000, 232448, "shared")
+
+    monkeypatch.setattr(tune, "graph_time_us", refuse)
+    assert tune._time([], None, KernelConfig(num_warps=8, maxnreg=80), 5) == float("inf")
 
 
 def test_tuner_keeps_the_config_fastest_on_fresh_copies_not_the_luckiest_timing():

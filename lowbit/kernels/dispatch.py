@@ -230,8 +230,8 @@ def heuristic_config(m: int, n: int, k: int, bits: int, sms: int, narrow: bool =
     Up to 128 tokens, weights as the wide operand (swap A/B): up to 32 tokens 128-row tiles and 4
     warps, split-K until about 12 programs per SM (the loop is latency-bound: more programs in
     flight hide more of it); larger batches 64-row by 64-token tiles, about 2 programs per SM. Up to
-    256 tokens :data:`PREFILL_FUSED` (where ``prefill_fused``: not for zero points, whose 128x128
-    tiles spill registers, nor 2:4 weights), past that dequantize once and call cuBLAS. ``narrow`` (:func:`narrow_zero_groups`: four groups' scales, zeros and
+    256 tokens :data:`PREFILL_FUSED` (where ``prefill_fused``, see :func:`prefill_tiles_fit`; not for
+    2:4 weights), past that dequantize once and call cuBLAS. ``narrow`` (:func:`narrow_zero_groups`: four groups' scales, zeros and
     sums of x per tile) fits registers only with 16-token tiles (32 spilled: 0.29x at M=32, against
     0.97x at 16), so past 32 tokens it dequantizes.
     """
@@ -255,6 +255,13 @@ def narrow_zero_groups(symmetric: bool, group_size: int) -> bool:
     """Zero points with groups of 32 or fewer: the fused kernel holds four or more groups' scales,
     zeros and sums of x per tile (see :func:`heuristic_config`)."""
     return not symmetric and 0 < group_size <= 32
+
+
+def prefill_tiles_fit(symmetric: bool, group_size: int) -> bool:
+    """Whether :data:`PREFILL_FUSED`'s tiles fit registers: symmetric codes with per-channel scales or
+    groups of 128 or more (offline SASS: zero points or groups of 32 spill, groups of 64 reach 252-254
+    registers; measured at 256 tokens, fp4_e2m1-g32 0.43x against 0.50x dequantized)."""
+    return symmetric and (group_size == -1 or group_size >= 128)
 
 
 def _gpu_slug(device: torch.device) -> str:
@@ -298,7 +305,7 @@ def _choose(slug: str, key: tuple, sparse: bool, sms: int) -> KernelConfig:
         if cfg.path == "fused" and cfg.swap_ab and cfg.block_m > fit:
             cfg = KernelConfig(**{**asdict(cfg), "block_m": fit})
         return cfg
-    return heuristic_config(m, n, k, bits, sms, narrow, prefill_fused=want["symmetric"])
+    return heuristic_config(m, n, k, bits, sms, narrow, prefill_tiles_fit(want["symmetric"], want["group_size"]))
 
 
 def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, force_triton: bool = False,

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from triton.runtime.errors import OutOfResources
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from ..scheme import Scheme
 from ..bench.common import (LAYER_SETS, clone_qweight, copies_for, graph_time_us, random_qweight, relative_error,
@@ -35,7 +35,7 @@ CONFIRMATIONS = 2  # ... this many fresh sets of weight copies
 def _time(qws, x, cfg: KernelConfig, replays: int) -> float:
     try:
         return graph_time_us([lambda q=q: dispatch.matmul(x, q, None, config=cfg) for q in qws], replays)
-    except OutOfResources as e:  # too much shared memory for this GPU: not a candidate
+    except (OutOfResources, PTXASError) as e:  # too much shared memory, or a register cap below the tile's need
         print(f"    {cfg}: {str(e).splitlines()[0][:80]}")
         return float("inf")
 
@@ -93,7 +93,7 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     best = dispatch.heuristic_config(m, qw.out_features, qw.in_features, qw.scheme.bits, sms,
                                      dispatch.narrow_zero_groups(qw.scheme.symmetric, qw.scheme.group_size),
-                                     prefill_fused=qw.scheme.symmetric)
+                                     dispatch.prefill_tiles_fit(qw.scheme.symmetric, qw.scheme.group_size))
     if best.path == "dequant":  # the fused kernel at its prefill tiles is a candidate too
         best = dispatch.PREFILL_FUSED
 
