@@ -42,7 +42,10 @@ def main():
     x = torch.randn(m, 1024, dtype=torch.float16, device=dev)
     cfg = dispatch.choose_config(m, qw, dev)
     rows = [("F.linear fp16 (cuBLAS)", lambda: F.linear(x, w)),
-            ("lowbit.matmul (checks + custom op)", lambda: lowbit.matmul(x, qw)),
+            ("lowbit.matmul (checks, then the op's implementation)", lambda: lowbit.matmul(x, qw)),
+            ("torch.ops.lowbit.matmul (the custom op's dispatch)", lambda: torch.ops.lowbit.matmul(
+                x, list(qw.packed), qw.scales, qw.zeros, qw.perm, None, str(qw.scheme), qw.out_features,
+                qw.in_features, "float16", "auto")),
             ("dispatch.matmul (no op)", lambda: dispatch.matmul(x, qw, None))]
     if cfg.path == "fused":
         rows.append((f"dispatch.fused_matmul ({cfg.block_n}x{cfg.block_m}, split {cfg.split_k})",

@@ -40,8 +40,8 @@ def reference_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
 
 
 def _matmul_impl(x: torch.Tensor, packed: list[torch.Tensor], scales: torch.Tensor, zeros: Optional[torch.Tensor],
-               perm: Optional[torch.Tensor], bias: Optional[torch.Tensor], scheme: str, out_features: int,
-               in_features: int, weight_dtype: str, backend: str) -> torch.Tensor:
+                 perm: Optional[torch.Tensor], bias: Optional[torch.Tensor], scheme: str, out_features: int,
+                 in_features: int, weight_dtype: str, backend: str) -> torch.Tensor:
     qw = _weight(packed, scales, zeros, perm, scheme, out_features, in_features, weight_dtype)
     x2 = x.reshape(-1, in_features)
     if backend == "reference" or (backend == "auto" and x.device.type != "cuda"):
@@ -97,16 +97,24 @@ def matmul_unchecked(x, qw: QuantizedWeight, bias, backend: str = "auto") -> tor
 def call(x, packed, scales, zeros, perm, bias, scheme: str, out_features: int, in_features: int, weight_dtype: str,
          backend: str) -> torch.Tensor:
     """``torch.ops.lowbit.matmul`` (arguments as the op's), or its implementation directly in a plain
-    eager call: the op is what torch.compile and torch.jit trace, what autograd records and what
-    dispatch modes, fake and meta tensors meet; none of them is there for a plain tensor ``x`` outside
-    tracing that autograd does not follow."""
+    eager call (:func:`_plain_eager`): the op is what tracers and torch.compile record, what autograd
+    and functorch transforms meet, and what torch-function and dispatch modes, tensor subclasses, fake
+    and meta tensors see."""
     args = (x, packed, scales, zeros, perm, bias, scheme, out_features, in_features, weight_dtype, backend)
-    if _plain_eager(x):
+    if _plain_eager((x, scales, zeros, perm, bias, *packed)):
         return _matmul_impl(*args)
     return torch.ops.lowbit.matmul(*args)
 
 
-def _plain_eager(x: torch.Tensor) -> bool:
-    return (type(x) is torch.Tensor and not x.is_meta and not (x.requires_grad and torch.is_grad_enabled())
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and torch._C._len_torch_dispatch_stack() == 0)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(tensors) -> bool:
+    """No tracing, compiling, mode or functorch transform is active, and every tensor is a plain
+    (or Parameter) non-meta tensor that autograd does not follow: nothing would see the op."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+            or torch._C._len_torch_function_stack() or torch._C._functorch.peek_interpreter_stack() is not None):
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) in _PLAIN_TYPES and not t.is_meta and not (grad and t.requires_grad))
+               for t in tensors)

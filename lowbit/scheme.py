@@ -58,6 +58,9 @@ class Scheme:
     def fmt(self) -> _formats.Format:
         return _formats.get(self.format)
 
+    def __reduce__(self):  # pickles and copies carry the fields only, not the cached format (and its tables)
+        return type(self), (self.format, self.group_size, self.symmetric, self.sparsity, self.mx)
+
     @property
     def bits(self) -> int:
         return self.fmt.bits

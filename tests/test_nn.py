@@ -319,7 +319,8 @@ def test_opcheck(scheme, perm, wdt, xdt, x_shape):
 
 def test_plain_eager_calls_skip_the_op_dispatch(monkeypatch):
     """Plain eager calls run the op's implementation directly (the dispatch cost ~110 us a call on a GPU
-    host); meta tensors, inputs autograd follows and dispatch modes still meet the registered op."""
+    host); meta tensors, tensors autograd follows (x or the bias), functorch transforms and dispatch
+    modes still meet the registered op."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from lowbit import ops
@@ -346,6 +347,14 @@ def test_plain_eager_calls_skip_the_op_dispatch(monkeypatch):
     assert meta.shape == (5, 24) and meta.is_meta and len(direct) == 4
     y = layer(x.requires_grad_())
     assert len(direct) == 4 and torch.allclose(y.detach(), layer(x.detach()).detach())
+    x.requires_grad_(False)
+    layer.bias.requires_grad_(True)
+    layer(x)  # through the op: the bias needs a gradient
+    assert len(direct) == 5  # (the 5th: layer(x.detach()) in the comparison above)
+    layer.bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="lowbit::matmul"):  # vmap meets the op, which has no batching rule
+        torch.func.vmap(layer)(x[None])
+    assert len(direct) == 5
 
 
 # ------------------------------------------------------------------------------ fused projections

@@ -155,3 +155,23 @@ def test_7bit_formats_have_no_2of4_variant_in_the_grammar_either():
     with pytest.raises(ValueError, match="int7 has no 2:4 variant"):
         Scheme.parse("int7-g128-2:4")
     assert Scheme.parse("int7-g128").sparsity is None
+
+
+def test_parsed_schemes_are_shared_and_pickle_without_their_format():
+    """``Scheme.parse`` caches by text (one instance per string); the cached ``fmt`` stays out of pickles
+    and copies, which rebuild from the fields (the format object holds per-device tables)."""
+    import copy
+    import pickle
+
+    from lowbit import formats
+
+    s = Scheme.parse("int4-g128-asym")
+    assert Scheme.parse("int4-g128-asym") is s and s.fmt is formats.get("int4")
+    data = pickle.dumps(s)
+    assert b"IntFormat" not in data and len(data) < 300
+    for clone in (pickle.loads(data), copy.deepcopy(s), copy.copy(s)):
+        assert clone == s and hash(clone) == hash(s) and clone.fmt is formats.get("int4")
+    with pytest.raises(ValueError, match="granularity"):
+        Scheme.parse("int4-q7")
+    with pytest.raises(ValueError, match="granularity"):  # errors are not cached away
+        Scheme.parse("int4-q7")

@@ -224,7 +224,7 @@ PREFILL_FUSED_UP_TO = 256
 
 
 def heuristic_config(m: int, n: int, k: int, bits: int, sms: int, narrow: bool = False,
-                     prefill_fused: bool = True) -> KernelConfig:
+                     prefill_fused: bool = False) -> KernelConfig:
     """A config from what tuning found on Hopper (used where no tuned entry exists).
 
     Up to 128 tokens, weights as the wide operand (swap A/B): up to 32 tokens 128-row tiles and 4
@@ -296,7 +296,7 @@ def _choose(slug: str, key: tuple, sparse: bool, sms: int) -> KernelConfig:
     m, n, k, bits = want.pop("m"), want["n"], want["k"], want["bits"]
     narrow = narrow_zero_groups(want["symmetric"], want["group_size"])
     if sparse:  # no tuned entries for 2:4 weights yet (their k-tiles are 256 deep)
-        return heuristic_config(m, n, k // 2, bits, sms, narrow, prefill_fused=False)
+        return heuristic_config(m, n, k // 2, bits, sms, narrow)
     entries = [(e, cfg) for e, cfg in tuned_table(slug) if all(e.get(name) == value for name, value in want.items())]
     above = [e for e in entries if e[0]["m"] >= m]
     if above:  # the tuned entry of the smallest batch bucket >= m
@@ -305,7 +305,8 @@ def _choose(slug: str, key: tuple, sparse: bool, sms: int) -> KernelConfig:
         if cfg.path == "fused" and cfg.swap_ab and cfg.block_m > fit:
             cfg = KernelConfig(**{**asdict(cfg), "block_m": fit})
         return cfg
-    return heuristic_config(m, n, k, bits, sms, narrow, prefill_tiles_fit(want["symmetric"], want["group_size"]))
+    return heuristic_config(m, n, k, bits, sms, narrow,
+                            prefill_fused=prefill_tiles_fit(want["symmetric"], want["group_size"]))
 
 
 def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, force_triton: bool = False,
@@ -324,7 +325,7 @@ def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, forc
         x = x.index_select(1, qw.perm)
     x = x.contiguous()
     cfg = config or choose_config(x.shape[0], qw, x.device)
-    if cfg.path == "dequant" and force_triton:  # the fused kernel at its prefill tiles
+    if cfg.path == "dequant" and force_triton:  # the fused kernel at its prefill tiles (slow where they spill)
         cfg = PREFILL_FUSED
     if cfg.path == "dequant":
         w = dequantize(qw, x.dtype)

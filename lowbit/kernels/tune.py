@@ -36,7 +36,8 @@ def _time(qws, x, cfg: KernelConfig, replays: int) -> float:
     try:
         return graph_time_us([lambda q=q: dispatch.matmul(x, q, None, config=cfg) for q in qws], replays)
     except (OutOfResources, PTXASError) as e:  # too much shared memory, or a register cap below the tile's need
-        print(f"    {cfg}: {str(e).splitlines()[0][:80]}")
+        lines = str(e).splitlines()
+        print(f"    {cfg}: {next((l for l in lines if 'fatal' in l), lines[0] if lines else type(e).__name__)[:120]}")
         return float("inf")
 
 
@@ -92,8 +93,7 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
     k_tiles = -(-qw.in_features // 128)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     best = dispatch.heuristic_config(m, qw.out_features, qw.in_features, qw.scheme.bits, sms,
-                                     dispatch.narrow_zero_groups(qw.scheme.symmetric, qw.scheme.group_size),
-                                     dispatch.prefill_tiles_fit(qw.scheme.symmetric, qw.scheme.group_size))
+                                     dispatch.narrow_zero_groups(qw.scheme.symmetric, qw.scheme.group_size))
     if best.path == "dequant":  # the fused kernel at its prefill tiles is a candidate too
         best = dispatch.PREFILL_FUSED
 
