@@ -1,0 +1,133 @@
+"""Does an asynchronous wgmma with its weight operand in registers overlap the next tile's decode on
+Hopper? A probe in Gluon (Triton's explicit-layout dialect, Triton >= 3.6), ahead of any port of the
+fused kernel (see bench/NOTES.md, session 6, "Gluon").
+
+Triton's ``tl.dot`` waits for every product whose A operand sits in registers (``pendings=0``), so the
+fused kernel decodes and multiplies in turn. Here the A tile (uint8 codes standing in for packed
+weights) is loaded straight in the wgmma A-operand layout, decoded in registers, and multiplied
+with ``warpgroup_mma(..., is_async=True)``; ``warpgroup_mma_wait(WAIT_N)`` leaves WAIT_N products in
+flight. The K loop is unrolled by two, so the product in flight and the tile being decoded use
+different registers (a product must not have its A registers rewritten while it runs). The
+activations come by TMA into a two-stage shared ring.
+
+    python bench/gluon_wgmma_probe.py sass [WAIT_N]   # offline (no GPU): compile for sm_90a, count the waits
+    python bench/gluon_wgmma_probe.py gpu             # on a Hopper GPU: check against torch, time WAIT_N 0 vs 1
+
+Offline (session 6, Triton 3.6): WAIT_N=1 compiles to ``WARPGROUP.DEPBAR.LE gsb0, 0x1`` in the loop,
+with the next tile's loads and decode between the two products; a layout conversion of A through
+shared memory instead makes ptxas serialize every wgmma (warning C7515).
+"""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+BM, BK, BN, WARPS = 64, 64, 64, 4
+
+
+@gluon.jit
+def _decode(q_ptrs, i, BK: gl.constexpr):
+    q = gl.load(q_ptrs + i * BK)  # codes already in the A-operand layout: no conversion
+    return q.to(gl.float16) * 0.0625 - 8.0  # a stand-in for the plane decoders
+
+
+@gluon.jit
+def wgmma_probe_kernel(q_ptr, b_desc, c_ptr, K, stride_qm, stride_cm, BM: gl.constexpr, BK: gl.constexpr,
+                       WAIT_N: gl.constexpr, num_warps: gl.constexpr):
+    BN: gl.constexpr = b_desc.block_type.shape[1]
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 16])
+    a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_smem = gl.allocate_shared_memory(b_desc.dtype, [2, BK, BN], b_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(bars.index(0), count=1)
+    mbarrier.init(bars.index(1), count=1)
+    rm = gl.program_id(0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, a_op))
+    rk = gl.arange(0, BK, layout=gl.SliceLayout(0, a_op))
+    q_ptrs = q_ptr + gl.expand_dims(rm, 1) * stride_qm + gl.expand_dims(rk, 0)
+    off_n = gl.program_id(1) * BN
+    mbarrier.expect(bars.index(0), b_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(b_desc, [0, off_n], bars.index(0), b_smem.index(0))
+    acc = gl.zeros([BM, BN], gl.float32, layout=mma)
+    a1 = gl.zeros([BM, BK], gl.float16, layout=a_op)
+    phase = 0
+    for j in range(K // (2 * BK)):
+        i0 = 2 * j
+        a0 = _decode(q_ptrs, i0, BK)  # under the product of a1 still in flight
+        mbarrier.wait(bars.index(0), phase)
+        acc = warpgroup_mma(a0, b_smem.index(0), acc, is_async=True)
+        acc, a1 = warpgroup_mma_wait(num_outstanding=WAIT_N, deps=(acc, a1))  # a1's product retired
+        mbarrier.expect(bars.index(1), b_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(b_desc, [(i0 + 1) * BK, off_n], bars.index(1), b_smem.index(1))
+        a1 = _decode(q_ptrs, i0 + 1, BK)  # under a0's product
+        mbarrier.wait(bars.index(1), phase)
+        acc = warpgroup_mma(a1, b_smem.index(1), acc, is_async=True)
+        acc, a0 = warpgroup_mma_wait(num_outstanding=WAIT_N, deps=(acc, a0))
+        if i0 + 2 < K // BK:
+            mbarrier.expect(bars.index(0), b_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(b_desc, [(i0 + 2) * BK, off_n], bars.index(0), b_smem.index(0))
+        phase ^= 1
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.invalidate(bars.index(0))
+    mbarrier.invalidate(bars.index(1))
+    store: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
+    out = gl.convert_layout(acc, store)
+    rmc = gl.program_id(0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, store))
+    rnc = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, store))
+    gl.store(c_ptr + gl.expand_dims(rmc, 1) * stride_cm + gl.expand_dims(rnc, 0), out)
+
+
+def sass(wait_n: int) -> None:
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.language import NVMMASharedLayout, float16
+
+    names = wgmma_probe_kernel.arg_names
+    layout = NVMMASharedLayout.get_default_for([BK, BN], float16)
+    consts = {"BM": BM, "BK": BK, "WAIT_N": wait_n, "num_warps": WARPS}
+    signature = {"q_ptr": "*u8", "b_desc": f"tensordesc<fp16[{BK}, {BN}],{layout!r}>", "c_ptr": "*fp32", "K": "i32",
+                 "stride_qm": "i32", "stride_cm": "i32", **{k: "constexpr" for k in consts}}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ("q_ptr", "c_ptr", "K", "stride_qm", "stride_cm")}
+    src = GluonASTSource(fn=wgmma_probe_kernel, signature=signature,
+                         constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS})
+    cubin = Path("/tmp/gluon_wgmma_probe.cubin")
+    cubin.write_bytes(kernel.asm["cubin"])
+    cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    text = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", text)
+    print(f"WAIT_N={wait_n}: {text.count('HGMMA')} HGMMA, wgmma waits {waits}, shared {kernel.metadata.shared} B")
+
+
+def gpu() -> None:
+    import torch
+    from triton.experimental.gluon.language import NVMMASharedLayout, float16
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from lowbit.bench.common import graph_time_us
+
+    m, k, n = 8192, 8192, 64  # weights as the wide operand, 64 tokens
+    q = torch.randint(0, 256, (m, k), dtype=torch.uint8, device="cuda")
+    b = torch.randn(k, n, dtype=torch.float16, device="cuda")
+    desc = TensorDescriptor.from_tensor(b, [BK, BN], NVMMASharedLayout.get_default_for([BK, BN], float16))
+    reference = (q.float() * 0.0625 - 8.0) @ b.float()
+    for wait_n in (0, 1):
+        c = torch.full((m, n), float("nan"), device="cuda")
+
+        def launch(c=c, wait_n=wait_n):
+            wgmma_probe_kernel[(m // BM, n // BN)](q, desc, c, k, q.stride(0), c.stride(0), BM, BK, wait_n,
+                                                   num_warps=WARPS)
+
+        launch()
+        err = float((c - reference).norm() / reference.norm())
+        print(f"WAIT_N={wait_n}: relative error {err:.1e}, {graph_time_us([launch], 20):.1f} us")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in ("sass", "gpu") or (len(sys.argv) > 2 and not sys.argv[2].isdigit()):
+        sys.exit(__doc__)
+    sass(int(sys.argv[2]) if len(sys.argv) > 2 else 1) if sys.argv[1] == "sass" else gpu()
