@@ -265,7 +265,14 @@ def prefill_tiles_fit(symmetric: bool, group_size: int) -> bool:
 
 
 def _gpu_slug(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device).lower().replace(" ", "-") if device.type == "cuda" else "cpu"
+    if device.type != "cuda":
+        return "cpu"
+    return _device_slug(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@lru_cache(maxsize=None)  # read on every matmul call: the device's name does not change
+def _device_slug(index: int) -> str:
+    return torch.cuda.get_device_name(index).lower().replace(" ", "-")
 
 
 @lru_cache(maxsize=None)
