@@ -40,7 +40,8 @@ def _decode(q_ptrs, i, BK: gl.constexpr):
 def wgmma_probe_kernel(q_ptr, b_desc, c_ptr, K, stride_qm, stride_cm, BM: gl.constexpr, BK: gl.constexpr,
                        WAIT_N: gl.constexpr, num_warps: gl.constexpr):
     BN: gl.constexpr = b_desc.block_type.shape[1]
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 16])
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BN, 16])
     a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_smem = gl.allocate_shared_memory(b_desc.dtype, [2, BK, BN], b_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())

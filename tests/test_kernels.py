@@ -191,7 +191,9 @@ def test_tuner_skips_configs_that_do_not_compile(monkeypatch, error):
     from lowbit.kernels import tune
 
     def refuse(*_):
-        raise PTXASError("Insufficient registers (80)") if error == "ptxas" else OutOfResources(300000, 232448, "shared")
+        if error == "ptxas":
+            raise PTXASError("Insufficient registers (80)")
+        raise OutOfResources(300000, 232448, "shared")
 
     monkeypatch.setattr(tune, "graph_time_us", refuse)
     assert tune._time([], None, KernelConfig(num_warps=8, maxnreg=80), 5) == float("inf")

@@ -231,9 +231,9 @@ def heuristic_config(m: int, n: int, k: int, bits: int, sms: int, narrow: bool =
     warps, split-K until about 12 programs per SM (the loop is latency-bound: more programs in
     flight hide more of it); larger batches 64-row by 64-token tiles, about 2 programs per SM. Up to
     256 tokens :data:`PREFILL_FUSED` (where ``prefill_fused``, see :func:`prefill_tiles_fit`; not for
-    2:4 weights), past that dequantize once and call cuBLAS. ``narrow`` (:func:`narrow_zero_groups`: four groups' scales, zeros and
-    sums of x per tile) fits registers only with 16-token tiles (32 spilled: 0.29x at M=32, against
-    0.97x at 16), so past 32 tokens it dequantizes.
+    2:4 weights), past that dequantize once and call cuBLAS. ``narrow`` (:func:`narrow_zero_groups`:
+    four groups' scales, zeros and sums of x per tile) fits registers only with 16-token tiles (32
+    spilled: 0.29x at M=32, against 0.97x at 16), so past 32 tokens it dequantizes.
     """
     if m > (32 if narrow else PREFILL_FUSED_UP_TO if prefill_fused else 128):
         return KernelConfig(path="dequant")
