@@ -42,6 +42,7 @@ def main():
     x = torch.randn(m, 1024, dtype=torch.float16, device=dev)
     cfg = dispatch.choose_config(m, qw, dev)
     rows = [("F.linear fp16 (cuBLAS)", lambda: F.linear(x, w)),
+            ("QuantLinear.forward", lambda: layer(x)),
             ("lowbit.matmul (checks, then the op's implementation)", lambda: lowbit.matmul(x, qw)),
             ("torch.ops.lowbit.matmul (the custom op's dispatch)", lambda: torch.ops.lowbit.matmul(
                 x, list(qw.packed), qw.scales, qw.zeros, qw.perm, None, str(qw.scheme), qw.out_features,
@@ -50,7 +51,6 @@ def main():
     if cfg.path == "fused":
         rows.append((f"dispatch.fused_matmul ({cfg.block_n}x{cfg.block_m}, split {cfg.split_k})",
                      lambda: dispatch.fused_matmul(x, qw, None, cfg)))
-    rows.insert(1, ("QuantLinear.forward", lambda: layer(x)))
     print(f"{scheme} M={m} on {torch.cuda.get_device_name(dev)}, config {cfg}")
     with torch.inference_mode():
         for name, fn in rows:

@@ -210,9 +210,21 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@lru_cache(maxsize=None)  # read on every matmul call: the device's name does not change
+def _device_slug(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index).lower().replace(" ", "-")
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _num_sms(device: torch.device) -> int:
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 8
+    return _sm_count(_cuda_index(device)) if device.type == "cuda" else 8
+
+
+def _gpu_slug(device: torch.device) -> str:
+    return _device_slug(_cuda_index(device)) if device.type == "cuda" else "cpu"
 
 
 # The fused kernel's best prefill tiles probed on the 70B gate_up layer (H200, session 6): at 256 tokens
@@ -262,17 +274,6 @@ def prefill_tiles_fit(symmetric: bool, group_size: int) -> bool:
     groups of 128 or more (offline SASS: zero points or groups of 32 spill, groups of 64 reach 252-254
     registers; measured at 256 tokens, fp4_e2m1-g32 0.43x against 0.50x dequantized)."""
     return symmetric and (group_size == -1 or group_size >= 128)
-
-
-def _gpu_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    return _device_slug(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@lru_cache(maxsize=None)  # read on every matmul call: the device's name does not change
-def _device_slug(index: int) -> str:
-    return torch.cuda.get_device_name(index).lower().replace(" ", "-")
 
 
 @lru_cache(maxsize=None)
