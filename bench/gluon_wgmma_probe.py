@@ -12,11 +12,13 @@ activations come by TMA into a two-stage shared ring.
 
     python bench/gluon_wgmma_probe.py sass [WAIT_N]   # offline (no GPU): compile for sm_90a, count the waits
     python bench/gluon_wgmma_probe.py gpu             # on a Hopper GPU: check against torch, time WAIT_N 0 vs 1
+                                                      # at 16 and 64 tokens, light and int4-like decode
 
 Offline (session 6, Triton 3.6): WAIT_N=1 compiles to ``WARPGROUP.DEPBAR.LE gsb0, 0x1`` in the loop,
 with the next tile's loads and decode between the two products; a layout conversion of A through
 shared memory instead makes ptxas serialize every wgmma (warning C7515).
 """
+import itertools
 import re
 import subprocess
 import sys
@@ -31,14 +33,19 @@ BM, BK, BN, WARPS = 64, 64, 64, 4
 
 
 @gluon.jit
-def _decode(q_ptrs, i, BK: gl.constexpr):
+def _decode(q_ptrs, i, BK: gl.constexpr, HEAVY: gl.constexpr):
     q = gl.load(q_ptrs + i * BK)  # codes already in the A-operand layout: no conversion
+    if HEAVY:  # the same value by exponent tricks on each nibble: int4-like work per element
+        a = q.to(gl.int16)
+        hi = ((a >> 4) | 0x6400).to(gl.float16, bitcast=True) - 1024.0
+        lo = ((a & 15) | 0x6400).to(gl.float16, bitcast=True) - 1024.0
+        return (hi * 16.0 + lo) * 0.0625 - 8.0
     return q.to(gl.float16) * 0.0625 - 8.0  # a stand-in for the plane decoders
 
 
 @gluon.jit
 def wgmma_probe_kernel(q_ptr, b_desc, c_ptr, K, stride_qm, stride_cm, BM: gl.constexpr, BK: gl.constexpr,
-                       WAIT_N: gl.constexpr, num_warps: gl.constexpr):
+                       WAIT_N: gl.constexpr, HEAVY: gl.constexpr, num_warps: gl.constexpr):
     BN: gl.constexpr = b_desc.block_type.shape[1]
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BN, 16])
@@ -58,13 +65,13 @@ def wgmma_probe_kernel(q_ptr, b_desc, c_ptr, K, stride_qm, stride_cm, BM: gl.con
     phase = 0
     for j in range(K // (2 * BK)):
         i0 = 2 * j
-        a0 = _decode(q_ptrs, i0, BK)  # under the product of a1 still in flight
+        a0 = _decode(q_ptrs, i0, BK, HEAVY)  # under the product of a1 still in flight
         mbarrier.wait(bars.index(0), phase)
         acc = warpgroup_mma(a0, b_smem.index(0), acc, is_async=True)
         acc, a1 = warpgroup_mma_wait(num_outstanding=WAIT_N, deps=(acc, a1))  # a1's product retired
         mbarrier.expect(bars.index(1), b_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(b_desc, [(i0 + 1) * BK, off_n], bars.index(1), b_smem.index(1))
-        a1 = _decode(q_ptrs, i0 + 1, BK)  # under a0's product
+        a1 = _decode(q_ptrs, i0 + 1, BK, HEAVY)  # under a0's product
         mbarrier.wait(bars.index(1), phase)
         acc = warpgroup_mma(a1, b_smem.index(1), acc, is_async=True)
         acc, a0 = warpgroup_mma_wait(num_outstanding=WAIT_N, deps=(acc, a0))
@@ -89,7 +96,7 @@ def sass(wait_n: int) -> None:
 
     names = wgmma_probe_kernel.arg_names
     layout = NVMMASharedLayout.get_default_for([BK, BN], float16)
-    consts = {"BM": BM, "BK": BK, "WAIT_N": wait_n, "num_warps": WARPS}
+    consts = {"BM": BM, "BK": BK, "WAIT_N": wait_n, "HEAVY": 1, "num_warps": WARPS}
     signature = {"q_ptr": "*u8", "b_desc": f"tensordesc<fp16[{BK}, {BN}],{layout!r}>", "c_ptr": "*fp32", "K": "i32",
                  "stride_qm": "i32", "stride_cm": "i32", **{k: "constexpr" for k in consts}}
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ("q_ptr", "c_ptr", "K", "stride_qm", "stride_cm")}
@@ -111,22 +118,24 @@ def gpu() -> None:
 
     from lowbit.bench.common import graph_time_us
 
-    m, k, n = 8192, 8192, 64  # weights as the wide operand, 64 tokens
+    m, k = 16384, 8192  # weights as the wide operand (256 MB of codes: > 3x L2)
     q = torch.randint(0, 256, (m, k), dtype=torch.uint8, device="cuda")
-    b = torch.randn(k, n, dtype=torch.float16, device="cuda")
-    desc = TensorDescriptor.from_tensor(b, [BK, BN], NVMMASharedLayout.get_default_for([BK, BN], float16))
-    reference = (q.float() * 0.0625 - 8.0) @ b.float()
-    for wait_n in (0, 1):
-        c = torch.full((m, n), float("nan"), device="cuda")
+    for n in (16, 64):  # tokens
+        b = torch.randn(k, n, dtype=torch.float16, device="cuda")
+        desc = TensorDescriptor.from_tensor(b, [BK, n], NVMMASharedLayout.get_default_for([BK, n], float16))
+        reference = (q.float() * 0.0625 - 8.0) @ b.float()
+        for heavy, wait_n in itertools.product((0, 1), (0, 1)):
+            c = torch.full((m, n), float("nan"), device="cuda")
 
-        def launch(c=c, wait_n=wait_n):
-            wgmma_probe_kernel[(m // BM, n // BN)](q, desc, c, k, q.stride(0), c.stride(0), BM, BK, wait_n,
-                                                   num_warps=WARPS)
+            def launch(c=c, wait_n=wait_n, heavy=heavy, desc=desc):
+                wgmma_probe_kernel[(m // BM, 1)](q, desc, c, k, q.stride(0), c.stride(0), BM, BK, wait_n, heavy,
+                                                 num_warps=WARPS)
 
-        launch()
-        err = float((c - reference).norm() / reference.norm())
-        print(f"WAIT_N={wait_n}: relative error {err:.1e}, {graph_time_us([launch], 20):.1f} us")
-
+            launch()
+            err = float((c - reference).norm() / reference.norm())
+            us = graph_time_us([launch], 20)
+            print(f"tokens={n} heavy={heavy} WAIT_N={wait_n}: relative error {err:.1e}, {us:.1f} us, "
+                  f"{q.numel() / us / 1e3:.0f} GB/s of codes")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in ("sass", "gpu") or (len(sys.argv) > 2 and not sys.argv[2].isdigit()):
