@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from . import pack as _pack
@@ -13,10 +15,11 @@ __all__ = ["QuantizedWeight", "packed_layout", "fuse_columns", "check_fusable", 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def packed_layout(scheme: Scheme, n: int, k: int) -> list[tuple[tuple[int, int], torch.dtype]]:
+@lru_cache(maxsize=4096)  # validated on every eager matmul call (its QuantizedWeight is rebuilt from the op's args)
+def packed_layout(scheme: Scheme, n: int, k: int) -> tuple[tuple[tuple[int, int], torch.dtype], ...]:
     """(shape, dtype) of each packed segment tensor of an ``[n, k]`` weight under ``scheme``."""
     bits, stored = scheme.code_bits, scheme.stored_columns(k)
-    return [(_pack.segment_shape(n, stored, bits, s), _pack.segment_dtype(bits, s)) for s in _pack.SEGMENTS[bits]]
+    return tuple((_pack.segment_shape(n, stored, bits, s), _pack.segment_dtype(bits, s)) for s in _pack.SEGMENTS[bits])
 
 
 class QuantizedWeight:

@@ -19,11 +19,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import triton
 import triton.language as tl
 
 from .. import pack as _pack
 from ..qweight import QuantizedWeight
+from ..scheme import Scheme
 from .decoders import e4m3_fp16_asm, int4_words_asm, int8_fp16_asm, planes_asm, sparse_asm_supported
 from .triton_matmul import lowbit_dequant_kernel, lowbit_matmul_kernel
 
@@ -33,6 +33,14 @@ __all__ = ["KernelConfig", "PREFILL_FUSED", "matmul", "fused_matmul", "dequantiz
 CONFIG_DIR = Path(__file__).parent / "configs"
 # float32: only the dequantization kernel (float32 activations multiply a dequantized weight).
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _cdiv(a: int, b: int) -> int:  # not triton.cdiv: a constexpr function, ~5 us a call from Python
+    return -(-a // b)
+
+
+def _next_power_of_2(v: int) -> int:
+    return 1 << (v - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -67,45 +75,60 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.maxnreg must be None or a multiple of 8 in 32..255, got {self.maxnreg}")
 
 
-def _scheme_constants(qw: QuantizedWeight, compute: torch.dtype) -> dict:
-    fmt = qw.scheme.fmt
-    code_bits = qw.scheme.code_bits  # 2:4 sparse: the value and its 2-bit position
+@lru_cache(maxsize=None)  # built on every call: the same few schemes and dtypes
+def _scheme_constants(scheme: Scheme, compute: torch.dtype) -> dict:
+    fmt = scheme.fmt
+    code_bits = scheme.code_bits  # 2:4 sparse: the value and its 2-bit position
     segs = tuple(_pack.SEGMENTS[code_bits]) + (0, 0)
     if fmt.is_float:
-        if not kernels_decode(qw):
+        if not _decodes(fmt):
             raise ValueError(f"{fmt.name}: the kernels decode floats through fp16 exponents and need E <= 4")
         float_factor, man_bits, offset = float(2.0 ** (15 - fmt.bias)), fmt.man_bits, 0
     else:
         float_factor, man_bits, offset = 1.0, 0, fmt.offset
     return dict(BITS=fmt.bits, SEG0=segs[0], SEG1=segs[1], SEG2=segs[2], PD=_pack.plane_depth(code_bits),
                 IS_FLOAT=fmt.is_float, MAN_BITS=man_bits,
-                FLOAT_FACTOR=float_factor, SYMMETRIC=qw.scheme.symmetric, OFFSET=offset,
-                GROUP_SIZE=qw.scheme.group_size, SCALE_MX=qw.scheme.mx, COMPUTE=_TL_DTYPES[compute],
+                FLOAT_FACTOR=float_factor, SYMMETRIC=scheme.symmetric, OFFSET=offset,
+                GROUP_SIZE=scheme.group_size, SCALE_MX=scheme.mx, COMPUTE=_TL_DTYPES[compute],
                 ROW_BLOCK=_pack.ROW_BLOCK)
 
 
 def kernels_decode(qw: QuantizedWeight) -> bool:
     """Whether the Triton kernels decode this format (floats through fp16 exponent fields: E <= 4)."""
-    return not qw.scheme.fmt.is_float or qw.scheme.fmt.exp_bits <= 4
+    return _decodes(qw.scheme.fmt)
 
 
-def _fast_path_constants(qw: QuantizedWeight, compute: torch.dtype, device: torch.device) -> dict:
+def _decodes(fmt) -> bool:
+    return not fmt.is_float or fmt.exp_bits <= 4
+
+
+def kernel_constants(qw: QuantizedWeight, compute: torch.dtype, device: torch.device) -> dict:
+    """The fused kernel's constexpr arguments for ``qw`` with ``compute`` activations on ``device``."""
+    return _kernel_constants(qw.scheme, qw.scales.dtype, compute, device.type == "cuda")
+
+
+@lru_cache(maxsize=None)
+def _kernel_constants(scheme: Scheme, scales_dtype: torch.dtype, compute: torch.dtype, on_gpu: bool) -> dict:
+    return {**_scheme_constants(scheme, compute), **_fast_path_constants(scheme, scales_dtype, compute, on_gpu)}
+
+
+def _fast_path_constants(scheme: Scheme, scales_dtype: torch.dtype, compute: torch.dtype, on_gpu: bool) -> dict:
     """Inline-PTX decoders on a real GPU (the interpreter has no inline asm; it decodes in plain
     Triton): int4 (MARLIN's trick), int8 and fp8 e4m3 in fp16 (byte permutes, the hardware's
     conversion, whose true values make the decode factor 1), every other format by the generic
     plane decoder, except 8-bit integers in bf16 (8 bits do not fit bf16's mantissa); symmetric
     2:4 codes of 4, 6 and 8-bit formats by the plane decoder's expanding variant."""
-    fmt = qw.scheme.fmt
+    fmt = scheme.fmt
     fp16 = compute == torch.float16
     out = dict(ASM4="", ASM8="", ASMP="", ASMP_REGS="",
-               SCALE_IN_COMPUTE=not fmt.is_float and not qw.scheme.mx and qw.scales.dtype == compute)
-    if device.type != "cuda":
+               SCALE_IN_COMPUTE=not fmt.is_float and not scheme.mx and scales_dtype == compute)
+    if not on_gpu:
         return out
-    zero = None if fmt.is_float or not qw.scheme.symmetric else fmt.offset
-    if qw.scheme.sparsity:  # 2:4: values and their expansion in one call (zero points: plain Triton)
-        if qw.scheme.symmetric and sparse_asm_supported(qw.scheme.code_bits) and \
+    zero = None if fmt.is_float or not scheme.symmetric else fmt.offset
+    if scheme.sparsity:  # 2:4: values and their expansion in one call (zero points: plain Triton)
+        if scheme.symmetric and sparse_asm_supported(scheme.code_bits) and \
                 (fp16 or fmt.is_float or fmt.bits < 8):
-            out["ASMP"], out["ASMP_REGS"], _ = planes_asm(qw.scheme.code_bits, fmt.is_float,
+            out["ASMP"], out["ASMP_REGS"], _ = planes_asm(scheme.code_bits, fmt.is_float,
                                                           getattr(fmt, "man_bits", 0), fp16, zero, sparse=True)
         return out
     if not fmt.is_float and fmt.bits == 4:
@@ -153,11 +176,11 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     dense_tile = dense_tile_k(qw)
-    k_tiles = triton.cdiv(k, dense_tile)
+    k_tiles = _cdiv(k, dense_tile)
     split = min(cfg.split_k, k_tiles)
-    per_split = triton.cdiv(k_tiles, split)
-    split = triton.cdiv(k_tiles, per_split)  # no empty split
-    grid_mn = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    per_split = _cdiv(k_tiles, split)
+    split = _cdiv(k_tiles, per_split)  # no empty split
+    grid_mn = _cdiv(n, cfg.block_n) * _cdiv(m, cfg.block_m)
     partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     counters = _counters(x.device, grid_mn) if split > 1 else out
     sums = x_sums(x, qw, per_split * dense_tile)
@@ -170,7 +193,7 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab, MERGE_PLANES=cfg.merge_planes,
         MERGE_PAIRS=cfg.merge_pairs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
-        **{**_scheme_constants(qw, x.dtype), **_fast_path_constants(qw, x.dtype, x.device)})
+        **kernel_constants(qw, x.dtype, x.device))
     return out
 
 
@@ -202,9 +225,9 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype, block_n: int = 64) -> to
     n, k = qw.shape
     out = torch.empty(n, k, dtype=dtype, device=qw.device)
     segs, strides = _segment_args(qw)
-    lowbit_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, dense_tile_k(qw)))](
+    lowbit_dequant_kernel[(_cdiv(n, block_n), _cdiv(k, dense_tile_k(qw)))](
         *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, out, n, k, *strides, qw.num_groups,
-        SPARSE=qw.scheme.sparsity is not None, BLOCK_N=block_n, num_warps=4, **_scheme_constants(qw, dtype))
+        SPARSE=qw.scheme.sparsity is not None, BLOCK_N=block_n, num_warps=4, **_scheme_constants(qw.scheme, dtype))
     return out
 
 
@@ -254,11 +277,11 @@ def heuristic_config(m: int, n: int, k: int, bits: int, sms: int, narrow: bool =
         return KernelConfig(path="dequant")
     if m > 128:
         return PREFILL_FUSED
-    k_tiles = triton.cdiv(k, _pack.TILE_K)
+    k_tiles = _cdiv(k, _pack.TILE_K)
     small = m <= 32
     block_n = 128 if small else 64
-    block_m = 64 if not small else 16 if narrow else max(16, triton.next_power_of_2(m))
-    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    block_m = 64 if not small else 16 if narrow else max(16, _next_power_of_2(m))
+    tiles = _cdiv(n, block_n) * _cdiv(m, block_m)
     target = (12 if small else 2) * sms
     split = 1
     while tiles * split < target and split < min(8, max(1, k_tiles // 4)):
@@ -312,7 +335,7 @@ def _choose(slug: str, key: tuple, sparse: bool, sms: int) -> KernelConfig:
     above = [e for e in entries if e[0]["m"] >= m]
     if above:  # the tuned entry of the smallest batch bucket >= m
         cfg = min(above, key=lambda e: e[0]["m"])[1]
-        fit = max(16, triton.next_power_of_2(m))  # a bucket's token tile, narrowed to the batch (less padding)
+        fit = max(16, _next_power_of_2(m))  # a bucket's token tile, narrowed to the batch (less padding)
         if cfg.path == "fused" and cfg.swap_ab and cfg.block_m > fit:
             cfg = KernelConfig(**{**asdict(cfg), "block_m": fit})
         return cfg
