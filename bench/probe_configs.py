@@ -28,8 +28,6 @@ def main():
     p.add_argument("--swap", nargs="+", type=int, default=[1], help="1: weights as the wide operand, 0: not")
     p.add_argument("--merge", nargs="+", type=int, default=[0], choices=[0, 1],
                    help="1: one product per scale group (merge_planes)")
-    p.add_argument("--pairs", nargs="+", type=int, default=[0], choices=[0, 1],
-                   help="1: with --merge 1, two planes a product (merge_pairs)")
     p.add_argument("--maxnreg", nargs="+", type=int, default=[0], help="register caps (0: none)")
     p.add_argument("--dtype", default="float16")
     a = p.parse_args()
@@ -53,11 +51,11 @@ def main():
         dequant = graph_time_us([lambda q=q: dispatch.matmul(x, q, None, config=KernelConfig(path="dequant"))
                                  for q in qws], 15)
         results = []
-        for bn, bm, swap, warps, stages, split, merge, cap, pairs in itertools.product(
-                a.block_n, a.block_m, a.swap, a.warps, a.stages, a.splits, a.merge, a.maxnreg, a.pairs):
+        for bn, bm, swap, warps, stages, split, merge, cap in itertools.product(
+                a.block_n, a.block_m, a.swap, a.warps, a.stages, a.splits, a.merge, a.maxnreg):
             cfg = KernelConfig(block_n=bn, block_m=bm or max(16, min(64, 1 << (m - 1).bit_length())), split_k=split,
                                swap_ab=bool(swap), num_warps=warps, num_stages=stages, merge_planes=bool(merge),
-                               merge_pairs=bool(pairs), maxnreg=cap or None)
+                               maxnreg=cap or None)
             try:
                 us = graph_time_us([lambda q=q: dispatch.fused_matmul(x, q, None, cfg) for q in qws], 15)
             except Exception as e:  # noqa: BLE001 - a config this GPU cannot run
@@ -70,8 +68,7 @@ def main():
         for us, cfg in results:
             print(f"  {us:7.1f} us  x{base / us:.2f}  {qw.nbytes / us / 1e3:5.0f} GB/s  bn={cfg.block_n} "
                   f"bm={cfg.block_m} swap={int(cfg.swap_ab)} warps={cfg.num_warps} stages={cfg.num_stages} "
-                  f"split={cfg.split_k} merge={int(cfg.merge_planes)}{'+pairs' if cfg.merge_pairs else ''} "
-                  f"maxnreg={cfg.maxnreg}", flush=True)
+                  f"split={cfg.split_k} merge={int(cfg.merge_planes)} maxnreg={cfg.maxnreg}", flush=True)
 
 
 if __name__ == "__main__":

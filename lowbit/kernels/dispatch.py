@@ -59,8 +59,6 @@ class KernelConfig:
     # One matrix product per scale group instead of per plane (see the kernel's MERGE): fewer
     # waits on the matrix unit, more live registers; ignored where :func:`merges_planes` is False.
     merge_planes: bool = False
-    # With merge_planes: two planes a product instead of the whole group (groups of 2+ planes).
-    merge_pairs: bool = False
 
     def __post_init__(self):
         if self.path not in ("fused", "dequant"):
@@ -191,7 +189,6 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
         0 if sums is None else sums.stride(0), per_split, qw.num_groups, split, HAS_X_SUMS=sums is not None,
         HAS_BIAS=bias is not None, EVEN_K=k % dense_tile == 0, SPARSE=qw.scheme.sparsity is not None,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab, MERGE_PLANES=cfg.merge_planes,
-        MERGE_PAIRS=cfg.merge_pairs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
         **kernel_constants(qw, x.dtype, x.device))
     return out

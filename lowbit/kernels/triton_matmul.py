@@ -250,7 +250,7 @@ def lowbit_matmul_kernel(
     ASMP: tl.constexpr, ASMP_REGS: tl.constexpr, SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr,
     ROW_BLOCK: tl.constexpr,
     SPARSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr,
-    MERGE_PLANES: tl.constexpr, MERGE_PAIRS: tl.constexpr,
+    MERGE_PLANES: tl.constexpr,
 ):
     TILE_K: tl.constexpr = 128
     NP: tl.constexpr = TILE_K // PD  # planes per tile
@@ -280,9 +280,7 @@ def lowbit_matmul_kernel(
     # scales multiply partial products of two or more planes only (:func:`~.dispatch.merges_planes`).
     GROUP_PLANES: tl.constexpr = PLANES_PER_GROUP if GROUP_SCALE else NP
     MERGE: tl.constexpr = MERGE_PLANES and GROUP_PLANES > 1 and (not SPARSE) and (not ELEMENT_SCALE)
-    # MERGE_PAIRS: two planes a product, half the waits of separate planes for fewer live registers
-    # than a whole group's (offline SASS, int4-g128-asym 128x16: 123 / 121 / 153 registers).
-    PLANES_PER_PRODUCT: tl.constexpr = (2 if MERGE_PAIRS else GROUP_PLANES) if MERGE else 1
+    PLANES_PER_PRODUCT: tl.constexpr = GROUP_PLANES if MERGE else 1
 
     num_m_tiles = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)

@@ -60,8 +60,6 @@ def _neighbours(cfg: KernelConfig, m: int, k_tiles: int, merge_axis: bool):
             yield variant(maxnreg=cap)
     if merge_axis:
         yield variant(merge_planes=not cfg.merge_planes)
-        if cfg.merge_planes:
-            yield variant(merge_pairs=not cfg.merge_pairs)
     for w in (2, 4, 8):  # 2 warps (or 32-row tiles) give mma.sync, which Triton does not serialize
         if w != cfg.num_warps:
             yield variant(num_warps=w)
