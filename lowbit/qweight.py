@@ -102,9 +102,10 @@ class QuantizedWeight:
                              "act-order (a column permutation) cannot be combined with it")
         if self.perm is not None and (tuple(self.perm.shape) != (k,) or self.perm.dtype != torch.int64):
             raise ValueError(f"perm: expected int64 ({k},), got {self.perm.dtype} {tuple(self.perm.shape)}")
-        devices = {t.device for t in self.tensors().values()}
-        if len(devices) != 1:
-            raise ValueError(f"all tensors of a QuantizedWeight must be on one device, got {sorted(map(str, devices))}")
+        device = self.scales.device
+        if any(t is not None and t.device != device for t in (*self.packed, self.zeros, self.perm)):
+            devices = sorted({str(t.device) for t in self.tensors().values()})
+            raise ValueError(f"all tensors of a QuantizedWeight must be on one device, got {devices}")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor by a stable name (the checkpoint keys, relative to the layer)."""

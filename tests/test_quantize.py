@@ -424,13 +424,16 @@ def _wrong_cases():
         "dtype-fp32": (qw, dict(dtype=torch.float32), "scales"),  # fp32 weights keep fp32 group scales
         "scheme-bits": (qw, dict(scheme=Scheme("int5", 32, symmetric=False)), "packed"),
         "scheme-group": (qw, dict(scheme=Scheme("int6", 64, symmetric=False)), "scales"),
+        "packed1-device": (qw, dict(packed=(p0, p1.to("meta"))), "one device"),
+        "zeros-device": (qw, dict(zeros=z.to("meta")), "one device"),
+        "perm-device": (qw, dict(perm=torch.arange(100).to("meta")), "one device"),
     }
 
 
 WRONG = ["packed-missing-segment", "packed-extra-segment", "packed0-dtype", "packed0-shape", "packed1-rows",
          "packed1-dtype", "scales-transposed", "scales-dtype", "scales-missing-group", "zeros-missing", "zeros-extra",
          "zeros-dtype", "zeros-shape", "perm-length", "perm-dtype", "perm-2d", "shape-k", "shape-n", "shape-zero",
-         "dtype-int8", "dtype-fp32", "scheme-bits", "scheme-group"]
+         "dtype-int8", "dtype-fp32", "scheme-bits", "scheme-group", "packed1-device", "zeros-device", "perm-device"]
 
 
 @pytest.mark.parametrize("case", WRONG)
