@@ -153,8 +153,8 @@ def format_table(result: dict) -> str:
 def plot(result: dict, path: Path) -> None:
     panels = {}
     for b in result["blocks"]:
-        curves = panels.setdefault(f"{b['layer_set']} block, {result['gpu']}", {})
-        curves.setdefault(f"{b['scheme']} ({b['dtype']})", []).append((b["M"], b["speedup"]))
+        curves = panels.setdefault(f"{b['layer_set']} block, {b['dtype']}, {result['gpu']}", {})  # a panel per dtype
+        curves.setdefault(b["scheme"], []).append((b["M"], b["speedup"]))
     plot_speedups(path, panels, "batch M (tokens)", "speedup over cuBLAS (same dtype)")
 
 
