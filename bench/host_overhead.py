@@ -6,7 +6,9 @@ eager prefill pays per linear layer besides the kernels (session 6: int4's 7B pr
 
 Each line is the mean wall time of many calls issued back to back with one synchronize at the end,
 on a weight small enough (1024 x 1024) that the GPU finishes each kernel before the host issues the
-next; then the profile of the whole op's calls, by own time.
+next. Then what an eager decode step pays: a loop over 128 distinct layers of LLaMA-2-7B's shapes
+(32 x qkv, o, gate_up, down) at M tokens, per linear, for QuantLinear and for nn.Linear (fp16's
+loop is bound by its GPU time, not the host's), and the profile of that QuantLinear loop by own time.
 """
 import cProfile
 import pstats
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import lowbit
+from lowbit.bench.common import LAYER_SETS, random_qweight
 from lowbit.kernels import dispatch
 
 
@@ -52,16 +55,27 @@ def main():
         rows.append((f"dispatch.fused_matmul ({cfg.block_n}x{cfg.block_m}, split {cfg.split_k})",
                      lambda: dispatch.fused_matmul(x, qw, None, cfg)))
     print(f"{scheme} M={m} on {torch.cuda.get_device_name(dev)}, config {cfg}")
+    shapes = [(k, n) for _, k, n in LAYER_SETS["llama2-7b"]] * 32
+    quantized = [lowbit.QuantLinear.from_qweight(random_qweight(scheme, n, k, torch.float16, dev)) for k, n in shapes]
+    dense = [torch.nn.Linear(k, n, bias=False, dtype=torch.float16, device=dev) for k, n in shapes[:4]] * 32
+    inputs = {k: torch.randn(m, k, dtype=torch.float16, device=dev) for k in {k for k, _ in shapes}}
+
+    def decode_loop(layers):
+        return lambda: [layer(inputs[layer.in_features]) for layer in layers]
+
     with torch.inference_mode():
         for name, fn in rows:
             print(f"  {per_call_us(fn):7.1f} us  {name}")
+        for name, layers in (("QuantLinear", quantized), ("nn.Linear fp16 (GPU-bound)", dense)):
+            print(f"  {per_call_us(decode_loop(layers), 20) / len(layers):7.1f} us  {name}, a linear of a loop over "
+                  f"128 LLaMA-2-7B layers")
         profile = cProfile.Profile()
         profile.enable()
-        for _ in range(500):
-            lowbit.matmul(x, qw)
+        for _ in range(10):
+            decode_loop(quantized)()
         torch.cuda.synchronize()
         profile.disable()
-    pstats.Stats(profile).sort_stats("tottime").print_stats(18)
+    pstats.Stats(profile).sort_stats("tottime").print_stats(24)
 
 
 if __name__ == "__main__":

@@ -325,9 +325,16 @@ def test_plain_eager_calls_skip_the_op_dispatch(monkeypatch):
 
     from lowbit import ops
 
-    direct = []
-    impl = ops._matmul_impl
-    monkeypatch.setattr(ops, "_matmul_impl", lambda *a: direct.append(1) or impl(*a))
+    direct = []  # one entry per call that runs the implementation directly (QuantLinear's cached weight, or rebuilt)
+    plain = ops._plain_eager
+
+    def counted(tensors):
+        if plain(tensors):
+            direct.append(1)
+            return True
+        return False
+
+    monkeypatch.setattr(ops, "_plain_eager", counted)
     layer = QuantLinear.from_linear(make_linear(64, 24, seed=6), "int4-g32")
     x = torch.randn(3, 64)
     with torch.no_grad():
@@ -355,6 +362,25 @@ def test_plain_eager_calls_skip_the_op_dispatch(monkeypatch):
     with pytest.raises(RuntimeError, match="lowbit::matmul"):  # vmap meets the op, which has no batching rule
         torch.func.vmap(layer)(x[None])
     assert len(direct) == 5
+
+
+def test_eager_calls_follow_replaced_and_modified_buffers():
+    """QuantLinear reuses its validated QuantizedWeight between eager calls: a buffer replaced (another
+    weight loaded, a bad tensor assigned) is seen at the next call, an in-place change at once."""
+    a, b = make_linear(64, 24, seed=7), make_linear(64, 24, seed=8)
+    layer = QuantLinear.from_linear(a, "int4-g32-asym")
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        y_a = layer(x)
+        other = lowbit.quantize(b.weight, "int4-g32-asym")
+        layer.load_qweight(other)
+        assert torch.equal(layer(x), lowbit.matmul(x, other, layer.bias)) and not torch.equal(layer(x), y_a)
+        before = layer(x) - layer.bias
+        layer.scales.mul_(2)  # in place: the cached weight holds this very tensor
+        assert torch.allclose(layer(x) - layer.bias, 2 * before)
+        layer.zeros = layer.zeros[:, :-1]
+        with pytest.raises(ValueError, match="zeros: expected uint8"):
+            layer(x)
 
 
 # ------------------------------------------------------------------------------ fused projections
