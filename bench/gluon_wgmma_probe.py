@@ -137,6 +137,7 @@ def gpu() -> None:
             print(f"tokens={n} heavy={heavy} WAIT_N={wait_n}: relative error {err:.1e}, {us:.1f} us, "
                   f"{q.numel() / us / 1e3:.0f} GB/s of codes")
 
+
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in ("sass", "gpu") or (len(sys.argv) > 2 and not sys.argv[2].isdigit()):
         sys.exit(__doc__)

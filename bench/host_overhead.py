@@ -7,8 +7,9 @@ eager prefill pays per linear layer besides the kernels (session 6: int4's 7B pr
 Each line is the mean wall time of many calls issued back to back with one synchronize at the end,
 on a weight small enough (1024 x 1024) that the GPU finishes each kernel before the host issues the
 next. Then what an eager decode step pays: a loop over 128 distinct layers of LLaMA-2-7B's shapes
-(32 x qkv, o, gate_up, down) at M tokens, per linear, for QuantLinear and for nn.Linear (fp16's
-loop is bound by its GPU time, not the host's), and the profile of that QuantLinear loop by own time.
+(32 x qkv, o, gate_up, down) at M tokens, per linear, for QuantLinear; for nn.Linear the same loop
+over 4 layers repeated 32 times (fp16 weights of 128 layers would not add to what it shows: that loop
+is bound by its GPU time, not the host's); then the profile of the QuantLinear loop by own time.
 """
 import cProfile
 import pstats

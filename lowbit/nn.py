@@ -75,19 +75,9 @@ class QuantLinear(nn.Module):
         return cls.from_qweight(qw, None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = [getattr(self, n) for n in self._packed_names]
-        return _ops.call(x, packed, self.scales, self.zeros, self.perm, self.bias, str(self.scheme), self.out_features,
-                         self.in_features, str(self.weight_dtype).removeprefix("torch."), self.backend,
-                         qweight=None if torch.compiler.is_compiling() else self._eager_qweight(packed))
-
-    def _eager_qweight(self, packed: list[torch.Tensor]) -> QuantizedWeight:
-        """:attr:`qweight`, built and validated once per set of buffer tensors (``.to()``, ``load_qweight``
-        or an assignment replaces them; in-place copies such as ``load_state_dict``'s keep them valid)."""
-        key = (*map(id, packed), id(self.scales), id(self.zeros), id(self.perm))
-        cached = self.__dict__.get("_qweight_cache")
-        if cached is None or cached[0] != key:  # the cached weight holds the old tensors: their ids are not reused
-            cached = self.__dict__["_qweight_cache"] = (key, self.qweight)
-        return cached[1]
+        return _ops.call(x, [getattr(self, n) for n in self._packed_names], self.scales, self.zeros, self.perm,
+                         self.bias, str(self.scheme), self.out_features, self.in_features,
+                         str(self.weight_dtype).removeprefix("torch."), self.backend)
 
     def set_backend(self, backend: str) -> "QuantLinear":
         if backend not in BACKENDS:

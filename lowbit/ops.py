@@ -42,11 +42,9 @@ def reference_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
 def _matmul_impl(x: torch.Tensor, packed: list[torch.Tensor], scales: torch.Tensor, zeros: Optional[torch.Tensor],
                  perm: Optional[torch.Tensor], bias: Optional[torch.Tensor], scheme: str, out_features: int,
                  in_features: int, weight_dtype: str, backend: str) -> torch.Tensor:
-    return _run(x, _weight(packed, scales, zeros, perm, scheme, out_features, in_features, weight_dtype), bias, backend)
-
-
-def _run(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    in_features, out_features = qw.in_features, qw.out_features
+    qw = _weight(packed, scales, zeros, perm, scheme, out_features, in_features, weight_dtype)
+    if x.dim() < 1 or x.shape[-1] != in_features:  # (QuantLinear does not run check_inputs; the kernels take K from x)
+        raise ValueError(f"x must have shape [..., {in_features}] (in_features), got {tuple(x.shape)}")
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)  # (a reshape costs ~3 us of Python a call)
     if backend == "reference" or (backend == "auto" and x.device.type != "cuda"):
         y = reference_matmul(x2, qw, bias)
@@ -95,19 +93,18 @@ def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
 
 def matmul_unchecked(x, qw: QuantizedWeight, bias, backend: str = "auto") -> torch.Tensor:
     return call(x, list(qw.packed), qw.scales, qw.zeros, qw.perm, bias, str(qw.scheme), qw.out_features,
-                qw.in_features, str(qw.dtype).removeprefix("torch."), backend, qweight=qw)
+                qw.in_features, str(qw.dtype).removeprefix("torch."), backend)
 
 
 def call(x, packed, scales, zeros, perm, bias, scheme: str, out_features: int, in_features: int, weight_dtype: str,
-         backend: str, qweight: QuantizedWeight | None = None) -> torch.Tensor:
+         backend: str) -> torch.Tensor:
     """``torch.ops.lowbit.matmul`` (arguments as the op's), or its implementation directly in a plain
     eager call (:func:`_plain_eager`): the op is what tracers and torch.compile record, what autograd
     and functorch transforms meet, and what torch-function and dispatch modes, tensor subclasses, fake
-    and meta tensors see. ``qweight``: the same tensors as a validated QuantizedWeight, which a plain
-    eager call then uses instead of rebuilding and re-validating one (~10 us a call)."""
+    and meta tensors see."""
     args = (x, packed, scales, zeros, perm, bias, scheme, out_features, in_features, weight_dtype, backend)
     if _plain_eager((x, scales, zeros, perm, bias, *packed)):
-        return _matmul_impl(*args) if qweight is None else _run(x, qweight, bias, backend)
+        return _matmul_impl(*args)
     return torch.ops.lowbit.matmul(*args)
 
 

@@ -101,7 +101,8 @@ def _decodes(fmt) -> bool:
 
 
 def kernel_constants(qw: QuantizedWeight, compute: torch.dtype, device: torch.device) -> dict:
-    """The fused kernel's constexpr arguments for ``qw`` with ``compute`` activations on ``device``."""
+    """The fused kernel's constexpr arguments for ``qw`` with ``compute`` activations on ``device`` (a
+    cached dict shared by every call: spread it, never modify it)."""
     return _kernel_constants(qw.scheme, qw.scales.dtype, compute, device.type == "cuda")
 
 
