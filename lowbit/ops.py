@@ -43,8 +43,7 @@ def _matmul_impl(x: torch.Tensor, packed: list[torch.Tensor], scales: torch.Tens
                  perm: Optional[torch.Tensor], bias: Optional[torch.Tensor], scheme: str, out_features: int,
                  in_features: int, weight_dtype: str, backend: str) -> torch.Tensor:
     qw = _weight(packed, scales, zeros, perm, scheme, out_features, in_features, weight_dtype)
-    if x.dim() < 1 or x.shape[-1] != in_features:  # (QuantLinear does not run check_inputs; the kernels take K from x)
-        raise ValueError(f"x must have shape [..., {in_features}] (in_features), got {tuple(x.shape)}")
+    _check_width(x, in_features)  # (QuantLinear does not run check_inputs; the kernels take K from x)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)  # (a reshape costs ~3 us of Python a call)
     if backend == "reference" or (backend == "auto" and x.device.type != "cuda"):
         y = reference_matmul(x2, qw, bias)
@@ -63,6 +62,11 @@ def _(x, packed, scales, zeros, perm, bias, scheme, out_features, in_features, w
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+def _check_width(x: torch.Tensor, in_features: int) -> None:
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape [..., {in_features}] (in_features), got {tuple(x.shape)}")
+
+
 def check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, backend: str) -> None:
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"expected a lowbit.QuantizedWeight, got {type(qw).__name__}")
@@ -70,8 +74,7 @@ def check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != qw.in_features:
-        raise ValueError(f"x must have shape [..., {qw.in_features}] (in_features), got {tuple(x.shape)}")
+    _check_width(x, qw.in_features)
     if x.device != qw.device:
         raise ValueError(f"x is on {x.device} but the quantized weight is on {qw.device}")
     if bias is not None:
