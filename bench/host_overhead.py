@@ -44,7 +44,7 @@ def main():
     qw = lowbit.quantize(w, scheme)
     layer = lowbit.QuantLinear.from_qweight(qw).to(dev)
     x = torch.randn(m, 1024, dtype=torch.float16, device=dev)
-    cfg = dispatch.choose_config(m, qw, dev)
+    cfg = dispatch.choose_config(m, qw, dev, x.dtype)
     rows = [("F.linear fp16 (cuBLAS)", lambda: F.linear(x, w)),
             ("QuantLinear.forward", lambda: layer(x)),
             ("lowbit.matmul (checks, then the op's implementation)", lambda: lowbit.matmul(x, qw)),

@@ -13,7 +13,7 @@ scheme, m, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[
 cfg = KernelConfig(**eval(f"dict({sys.argv[5]})")) if len(sys.argv) > 5 else None
 qw = random_qweight(scheme, n, k, torch.float16, "cuda")
 x = torch.randn(m, k, dtype=torch.float16, device="cuda")
-cfg = cfg or dispatch.choose_config(m, qw, x.device)
+cfg = cfg or dispatch.choose_config(m, qw, x.device, x.dtype)
 dispatch.fused_matmul(x, qw, None, cfg)
 kernel = dispatch.lowbit_matmul_kernel
 compiled = [c for dev in kernel.device_caches.values() for c in dev[0].values()][-1]

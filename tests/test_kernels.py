@@ -133,10 +133,10 @@ def test_heuristic_covers_batches():
 def test_heuristic_keeps_narrow_zero_groups_in_16_token_tiles():
     cpu = torch.device("cpu")  # no tuned table: the heuristic
     g32 = lowbit.quantize(torch.randn(256, 512), "int4-g32-asym")
-    assert [dispatch.choose_config(m, g32, cpu).block_m for m in (1, 16, 17, 32)] == [16] * 4
-    assert dispatch.choose_config(33, g32, cpu).path == "dequant"
+    assert [dispatch.choose_config(m, g32, cpu, torch.float16).block_m for m in (1, 16, 17, 32)] == [16] * 4
+    assert dispatch.choose_config(33, g32, cpu, torch.float16).path == "dequant"
     g128 = lowbit.quantize(torch.randn(256, 512), "int4-g128-asym")
-    assert dispatch.choose_config(32, g128, cpu).block_m == 32 and dispatch.choose_config(64, g128, cpu).path == "fused"
+    assert dispatch.choose_config(32, g128, cpu, torch.float16).block_m == 32 and dispatch.choose_config(64, g128, cpu, torch.float16).path == "fused"
 
 
 def test_x_sums_blocks():
@@ -157,14 +157,29 @@ def test_tuned_entry_token_tile_fits_the_batch(monkeypatch):
     qw = lowbit.quantize(torch.randn(256, 512), "int4-g128")
     decode = KernelConfig(block_n=128, block_m=64, split_k=2)
     prefill = KernelConfig(block_n=256, block_m=128, num_warps=8)
-    table = ((dispatch.table_key(64, qw), decode), (dispatch.table_key(256, qw), prefill))
+    table = ((dispatch.table_key(64, qw, torch.float16), decode), (dispatch.table_key(256, qw, torch.float16), prefill))
     monkeypatch.setattr(dispatch, "tuned_table", lambda slug: table)
     dispatch._choose.cache_clear()  # (choices are cached per table key)
     cpu = torch.device("cpu")
-    assert [dispatch.choose_config(m, qw, cpu).block_m for m in (1, 17, 32, 64)] == [16, 32, 32, 64]
-    assert dispatch.choose_config(32, qw, cpu).split_k == 2  # the rest of the tuned entry stays
-    assert dispatch.choose_config(200, qw, cpu) == prefill
-    assert dispatch.choose_config(300, qw, cpu) == dispatch.heuristic_config(300, 256, 512, 4, 8)
+    assert [dispatch.choose_config(m, qw, cpu, torch.float16).block_m for m in (1, 17, 32, 64)] == [16, 32, 32, 64]
+    assert dispatch.choose_config(32, qw, cpu, torch.float16).split_k == 2  # the rest of the tuned entry stays
+    assert dispatch.choose_config(200, qw, cpu, torch.float16) == prefill
+    assert dispatch.choose_config(300, qw, cpu, torch.float16) == dispatch.heuristic_config(300, 256, 512, 4, 8)
+    dispatch._choose.cache_clear()
+
+
+def test_tuned_entry_of_the_activation_dtype(monkeypatch):
+    """A bfloat16 entry serves bfloat16 only; a float16 entry serves both where no bfloat16 one exists."""
+    qw = lowbit.quantize(torch.randn(256, 512), "int8-channel")
+    half_16, half_64 = KernelConfig(split_k=2), KernelConfig(split_k=3, block_m=64)
+    bf16_16 = KernelConfig(split_k=4, maxnreg=None)
+    table = ((dispatch.table_key(16, qw, torch.float16), half_16), (dispatch.table_key(64, qw, torch.float16), half_64),
+             (dispatch.table_key(16, qw, torch.bfloat16), bf16_16))
+    monkeypatch.setattr(dispatch, "tuned_table", lambda slug: table)
+    dispatch._choose.cache_clear()
+    cpu = torch.device("cpu")
+    assert [dispatch.choose_config(m, qw, cpu, torch.float16).split_k for m in (8, 16, 32)] == [2, 2, 3]
+    assert [dispatch.choose_config(m, qw, cpu, torch.bfloat16).split_k for m in (8, 16, 32)] == [4, 4, 3]
     dispatch._choose.cache_clear()
 
 
@@ -179,7 +194,7 @@ def test_heuristic_prefill_path():
     for scheme, path in (("int4-g128", "fused"), ("fp6_e3m2-channel", "fused"), ("int4-g128-asym", "dequant"),
                          ("fp4_e2m1-g32", "dequant"), ("int4-g64", "dequant"), ("int4-g128-2:4", "dequant")):
         qw = lowbit.quantize(torch.randn(256, 512), scheme)
-        assert dispatch.choose_config(200, qw, cpu).path == path, scheme
+        assert dispatch.choose_config(200, qw, cpu, torch.float16).path == path, scheme
 
 
 @pytest.mark.parametrize("error", ["ptxas", "resources"])

@@ -115,7 +115,7 @@ def _bench_scheme(scheme, set_name, layers, batches, base, peer_rows, dname, dty
             if us is None:
                 continue
             b = base[(name, m)]
-            cfg = None if qw is None else dispatch.choose_config(m, qw, device)
+            cfg = None if qw is None else dispatch.choose_config(m, qw, device, dtype)
             rows.append({"layer_set": set_name, "layer": name, "scheme": scheme, "dtype": dname,
                          "K": k, "N": n, "M": m, "us": us, "baseline_us": b, "speedup": b / us,
                          "weight_bytes": wbytes, "gbs": (wbytes + 2 * m * (k + n)) / us / 1e3,

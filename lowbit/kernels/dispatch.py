@@ -4,7 +4,8 @@ The path and launch configuration come from the shape alone (no tuning at call t
 sync), so calls are safe inside ``torch.compile`` and CUDA graph capture:
 
 1. a tuned table shipped per GPU name (``configs/<gpu>.json``, written by ``lowbit tune``),
-   matched on (bits, group kind, N, K) and the batch bucket;
+   matched on (bits, group kind, N, K), the batch bucket and the activation dtype (an entry tuned
+   in float16 serves bfloat16 where no bfloat16 entry exists);
 2. otherwise :func:`heuristic_config`.
 
 A config either runs the fused kernel or, for large batches, dequantizes the weight once and
@@ -309,30 +310,34 @@ def tuned_table(slug: str) -> tuple:
     return tuple((e["key"], KernelConfig(**e["config"])) for e in data["entries"])
 
 
-def table_key(m: int, qw: QuantizedWeight) -> dict:
-    """What a tuned entry is for: the code width, scale and zero kind (they change the kernel's
-    resources) and the shape."""
+def table_key(m: int, qw: QuantizedWeight, dtype: torch.dtype) -> dict:
+    """What a tuned entry is for: the code width, scale and zero kind and the activation dtype (they
+    change the kernel's decode and registers: a register cap tuned in float16 spilled in bfloat16,
+    190 against 123 us) and the shape."""
     return {"bits": qw.scheme.bits, "float": qw.scheme.fmt.is_float, "group_size": qw.scheme.group_size,
-            "symmetric": qw.scheme.symmetric, "n": qw.out_features, "k": qw.in_features, "m": m}
+            "symmetric": qw.scheme.symmetric, "n": qw.out_features, "k": qw.in_features, "m": m,
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
-def choose_config(m: int, qw: QuantizedWeight, device: torch.device) -> KernelConfig:
-    """The tuned entry for this (bits, scale kind, N, K) and batch bucket, else the heuristic."""
-    key = table_key(m, qw)
+def choose_config(m: int, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> KernelConfig:
+    """The tuned entry for this (bits, scale kind, N, K), batch bucket and activation ``dtype``, else
+    the heuristic."""
+    key = table_key(m, qw, dtype)
     return _choose(_gpu_slug(device), tuple(key.items()), qw.scheme.sparsity is not None, _num_sms(device))
 
 
 @lru_cache(maxsize=65536)  # called on every matmul: a Python scan of the table took ~60 us
 def _choose(slug: str, key: tuple, sparse: bool, sms: int) -> KernelConfig:
     want = dict(key)
-    m, n, k, bits = want.pop("m"), want["n"], want["k"], want["bits"]
+    m, dtype, n, k, bits = want.pop("m"), want.pop("dtype"), want["n"], want["k"], want["bits"]
     narrow = narrow_zero_groups(want["symmetric"], want["group_size"])
     if sparse:  # no tuned entries for 2:4 weights yet (their k-tiles are 256 deep)
         return heuristic_config(m, n, k // 2, bits, sms, narrow)
-    entries = [(e, cfg) for e, cfg in tuned_table(slug) if all(e.get(name) == value for name, value in want.items())]
+    entries = [(e, cfg) for e, cfg in tuned_table(slug) if all(e.get(name) == value for name, value in want.items())
+               and e["dtype"] in (dtype, "float16")]
     above = [e for e in entries if e[0]["m"] >= m]
-    if above:  # the tuned entry of the smallest batch bucket >= m
-        cfg = min(above, key=lambda e: e[0]["m"])[1]
+    if above:  # the tuned entry of the smallest batch bucket >= m, of this dtype where there is one
+        cfg = min(above, key=lambda e: (e[0]["m"], e[0]["dtype"] != dtype))[1]
         fit = max(16, _next_power_of_2(m))  # a bucket's token tile, narrowed to the batch (less padding)
         if cfg.path == "fused" and cfg.swap_ab and cfg.block_m > fit:
             cfg = KernelConfig(**{**asdict(cfg), "block_m": fit})
@@ -356,7 +361,7 @@ def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, forc
     if qw.perm is not None:
         x = x.index_select(1, qw.perm)
     x = x.contiguous()
-    cfg = config or choose_config(x.shape[0], qw, x.device)
+    cfg = config or choose_config(x.shape[0], qw, x.device, x.dtype)
     if cfg.path == "dequant" and force_triton:  # the fused kernel at its prefill tiles (slow where they spill)
         cfg = PREFILL_FUSED
     if cfg.path == "dequant":

@@ -170,22 +170,22 @@ def main(argv=None) -> int:
                 qw = random_qweight(scheme, n, k, dtype, device)
                 for m in a.batches:
                     cfg, us, info = tune_one(qw, m, a.replays)
-                    key = dispatch.table_key(m, qw)
+                    key = dispatch.table_key(m, qw, dtype)
                     entries[json.dumps(key, sort_keys=True)] = {"key": key, "config": dataclasses.asdict(cfg),
                                                                 "us": us, **info}
                     print(f"{scheme} {set_name}/{layer} M={m}: {us:.1f} us (heuristic {info['heuristic_us']:.1f}, "
                           f"{info['tried']} tried) {cfg}", flush=True)
-                    _write_table(out, device, a.dtype, entries)  # after every entry: a run cut short keeps them
+                    _write_table(out, device, entries)  # after every entry: a run cut short keeps them
                 del qw
                 torch.cuda.empty_cache()
     print(f"wrote {out}")
     return 0
 
 
-def _write_table(out: Path, device, dtype: str, entries: dict) -> None:
+def _write_table(out: Path, device, entries: dict) -> None:
     """The table, replaced atomically (the dispatcher never reads half a file)."""
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**run_metadata(device), "dtype": dtype,
+    tmp.write_text(json.dumps({**run_metadata(device),
                                "entries": sorted(entries.values(), key=lambda e: json.dumps(e["key"], sort_keys=True))},
                               indent=1))
     tmp.replace(out)
