@@ -169,17 +169,20 @@ def test_tuned_entry_token_tile_fits_the_batch(monkeypatch):
 
 
 def test_tuned_entry_of_the_activation_dtype(monkeypatch):
-    """A bfloat16 entry serves bfloat16 only; a float16 entry serves both where no bfloat16 one exists."""
+    """A bfloat16 entry serves bfloat16 only; a float16 entry serves both where no bfloat16 one exists;
+    an entry without a dtype (a table written before they had one) counts as float16."""
     qw = lowbit.quantize(torch.randn(256, 512), "int8-channel")
-    half_16, half_64 = KernelConfig(split_k=2), KernelConfig(split_k=3, block_m=64)
-    bf16_16 = KernelConfig(split_k=4, maxnreg=None)
-    table = ((dispatch.table_key(16, qw, torch.float16), half_16), (dispatch.table_key(64, qw, torch.float16), half_64),
-             (dispatch.table_key(16, qw, torch.bfloat16), bf16_16))
+    half = {16: KernelConfig(split_k=2), 64: KernelConfig(split_k=3, block_m=64)}
+    bf16 = {16: KernelConfig(split_k=4), 128: KernelConfig(split_k=5, block_m=64)}
+    undated = {k: v for k, v in dispatch.table_key(256, qw, torch.float16).items() if k != "dtype"}
+    table = (*((dispatch.table_key(m, qw, torch.float16), cfg) for m, cfg in half.items()),
+             *((dispatch.table_key(m, qw, torch.bfloat16), cfg) for m, cfg in bf16.items()),
+             (undated, KernelConfig(split_k=6, block_m=64)))
     monkeypatch.setattr(dispatch, "tuned_table", lambda slug: table)
     dispatch._choose.cache_clear()
     cpu = torch.device("cpu")
-    assert [dispatch.choose_config(m, qw, cpu, torch.float16).split_k for m in (8, 16, 32)] == [2, 2, 3]
-    assert [dispatch.choose_config(m, qw, cpu, torch.bfloat16).split_k for m in (8, 16, 32)] == [4, 4, 3]
+    assert [dispatch.choose_config(m, qw, cpu, torch.float16).split_k for m in (8, 16, 32, 100, 200)] == [2, 2, 3, 6, 6]
+    assert [dispatch.choose_config(m, qw, cpu, torch.bfloat16).split_k for m in (8, 16, 32, 100, 200)] == [4, 4, 3, 5, 6]
     dispatch._choose.cache_clear()
 
 

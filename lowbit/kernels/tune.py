@@ -1,6 +1,6 @@
 """``lowbit tune``: measure kernel configs on this GPU and write the table the dispatcher ships.
 
-For each (layer shape, batch M, bits, scale kind) it times candidate configs with the same
+For each (layer shape, batch M, bits, scale kind, activation dtype: ``--dtype``) it times candidate configs with the same
 method as the benchmark (CUDA-graph replay, weights rotated over > 3x L2) by coordinate
 descent from the heuristic config (split-K, then pipeline depth, then tile sizes and warps), also
 times dequantize + cuBLAS, then times the fastest few again on fresh weight copies and keeps the
