@@ -4,6 +4,9 @@ On CPU they run in Triton's interpreter (small fp16 shapes); the ``gpu`` tests c
 sizes 1..300, odd shapes, both dtypes, CUDA graphs, torch.compile and determinism.
 """
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -136,7 +139,8 @@ def test_heuristic_keeps_narrow_zero_groups_in_16_token_tiles():
     assert [dispatch.choose_config(m, g32, cpu, torch.float16).block_m for m in (1, 16, 17, 32)] == [16] * 4
     assert dispatch.choose_config(33, g32, cpu, torch.float16).path == "dequant"
     g128 = lowbit.quantize(torch.randn(256, 512), "int4-g128-asym")
-    assert dispatch.choose_config(32, g128, cpu, torch.float16).block_m == 32 and dispatch.choose_config(64, g128, cpu, torch.float16).path == "fused"
+    assert dispatch.choose_config(32, g128, cpu, torch.float16).block_m == 32
+    assert dispatch.choose_config(64, g128, cpu, torch.float16).path == "fused"
 
 
 def test_x_sums_blocks():
@@ -157,7 +161,8 @@ def test_tuned_entry_token_tile_fits_the_batch(monkeypatch):
     qw = lowbit.quantize(torch.randn(256, 512), "int4-g128")
     decode = KernelConfig(block_n=128, block_m=64, split_k=2)
     prefill = KernelConfig(block_n=256, block_m=128, num_warps=8)
-    table = ((dispatch.table_key(64, qw, torch.float16), decode), (dispatch.table_key(256, qw, torch.float16), prefill))
+    table = ((dispatch.table_key(64, qw, torch.float16), decode),
+             (dispatch.table_key(256, qw, torch.float16), prefill))
     monkeypatch.setattr(dispatch, "tuned_table", lambda slug: table)
     dispatch._choose.cache_clear()  # (choices are cached per table key)
     cpu = torch.device("cpu")
@@ -168,21 +173,26 @@ def test_tuned_entry_token_tile_fits_the_batch(monkeypatch):
     dispatch._choose.cache_clear()
 
 
-def test_tuned_entry_of_the_activation_dtype(monkeypatch):
+def test_tuned_entry_of_the_activation_dtype(monkeypatch, tmp_path):
     """A bfloat16 entry serves bfloat16 only; a float16 entry serves both where no bfloat16 one exists;
     an entry without a dtype (a table written before they had one) counts as float16."""
     qw = lowbit.quantize(torch.randn(256, 512), "int8-channel")
     half = {16: KernelConfig(split_k=2), 64: KernelConfig(split_k=3, block_m=64)}
     bf16 = {16: KernelConfig(split_k=4), 128: KernelConfig(split_k=5, block_m=64)}
     undated = {k: v for k, v in dispatch.table_key(256, qw, torch.float16).items() if k != "dtype"}
-    table = (*((dispatch.table_key(m, qw, torch.float16), cfg) for m, cfg in half.items()),
-             *((dispatch.table_key(m, qw, torch.bfloat16), cfg) for m, cfg in bf16.items()),
-             (undated, KernelConfig(split_k=6, block_m=64)))
-    monkeypatch.setattr(dispatch, "tuned_table", lambda slug: table)
+    entries = [*((dispatch.table_key(m, qw, torch.float16), cfg) for m, cfg in half.items()),
+               *((dispatch.table_key(m, qw, torch.bfloat16), cfg) for m, cfg in bf16.items()),
+               (undated, KernelConfig(split_k=6, block_m=64))]
+    (tmp_path / "cpu.json").write_text(json.dumps({"entries": [{"key": key, "config": dataclasses.asdict(cfg)}
+                                                               for key, cfg in entries]}))
+    monkeypatch.setattr(dispatch, "CONFIG_DIR", tmp_path)  # the table read as shipped tables are
+    dispatch.tuned_table.cache_clear()
     dispatch._choose.cache_clear()
     cpu = torch.device("cpu")
-    assert [dispatch.choose_config(m, qw, cpu, torch.float16).split_k for m in (8, 16, 32, 100, 200)] == [2, 2, 3, 6, 6]
-    assert [dispatch.choose_config(m, qw, cpu, torch.bfloat16).split_k for m in (8, 16, 32, 100, 200)] == [4, 4, 3, 5, 6]
+    batches = (8, 16, 32, 100, 200)
+    assert [dispatch.choose_config(m, qw, cpu, torch.float16).split_k for m in batches] == [2, 2, 3, 6, 6]
+    assert [dispatch.choose_config(m, qw, cpu, torch.bfloat16).split_k for m in batches] == [4, 4, 3, 5, 6]
+    dispatch.tuned_table.cache_clear()
     dispatch._choose.cache_clear()
 
 

@@ -307,7 +307,8 @@ def tuned_table(slug: str) -> tuple:
     if not path.exists():
         return ()
     data = json.loads(path.read_text())
-    return tuple((e["key"], KernelConfig(**e["config"])) for e in data["entries"])
+    # tables written before entries carried a dtype were all tuned with float16 activations
+    return tuple(({"dtype": "float16", **e["key"]}, KernelConfig(**e["config"])) for e in data["entries"])
 
 
 def table_key(m: int, qw: QuantizedWeight, dtype: torch.dtype) -> dict:
@@ -322,8 +323,7 @@ def table_key(m: int, qw: QuantizedWeight, dtype: torch.dtype) -> dict:
 def choose_config(m: int, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> KernelConfig:
     """The tuned entry for this (bits, scale kind, N, K), batch bucket and activation ``dtype``, else
     the heuristic. The bucket comes first: a bfloat16 call takes a float16 entry of a smaller bucket
-    over a bfloat16 entry of a larger one (tables written before entries carried a dtype count as
-    float16)."""
+    over a bfloat16 entry of a larger one."""
     key = table_key(m, qw, dtype)
     return _choose(_gpu_slug(device), tuple(key.items()), qw.scheme.sparsity is not None, _num_sms(device))
 
@@ -336,10 +336,10 @@ def _choose(slug: str, key: tuple, sparse: bool, sms: int) -> KernelConfig:
     if sparse:  # no tuned entries for 2:4 weights yet (their k-tiles are 256 deep)
         return heuristic_config(m, n, k // 2, bits, sms, narrow)
     entries = [(e, cfg) for e, cfg in tuned_table(slug) if all(e.get(name) == value for name, value in want.items())
-               and e.get("dtype", "float16") in (dtype, "float16")]
+               and e["dtype"] in (dtype, "float16")]
     above = [e for e in entries if e[0]["m"] >= m]
     if above:  # the tuned entry of the smallest batch bucket >= m, of this dtype where there is one
-        cfg = min(above, key=lambda e: (e[0]["m"], e[0].get("dtype", "float16") != dtype))[1]
+        cfg = min(above, key=lambda e: (e[0]["m"], e[0]["dtype"] != dtype))[1]
         fit = max(16, _next_power_of_2(m))  # a bucket's token tile, narrowed to the batch (less padding)
         if cfg.path == "fused" and cfg.swap_ab and cfg.block_m > fit:
             cfg = KernelConfig(**{**asdict(cfg), "block_m": fit})

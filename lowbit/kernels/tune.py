@@ -1,12 +1,12 @@
 """``lowbit tune``: measure kernel configs on this GPU and write the table the dispatcher ships.
 
-For each (layer shape, batch M, bits, scale kind, activation dtype: ``--dtype``) it times candidate configs with the same
-method as the benchmark (CUDA-graph replay, weights rotated over > 3x L2) by coordinate
-descent from the heuristic config (split-K, then pipeline depth, then tile sizes and warps), also
-times dequantize + cuBLAS, then times the fastest few again on fresh weight copies and keeps the
-lowest median (one kernel's time moved by up to 17 % between two sets of copies on the H200: a
-single timing picks luck); a config whose output is not within 1e-2 of the exact reference is
-never kept. Writes ``lowbit/kernels/configs/<gpu>.json`` (merged with existing
+For each (layer shape, batch M, bits, scale kind, activation dtype: ``--dtype``) it times
+candidate configs with the same method as the benchmark (CUDA-graph replay, weights rotated over
+> 3x L2) by coordinate descent from the heuristic config (split-K, then pipeline depth, then tile
+sizes and warps), also times dequantize + cuBLAS, then times the fastest few again on fresh weight
+copies and keeps the lowest median (one kernel's time moved by up to 17 % between two sets of
+copies on the H200: a single timing picks luck); a config whose output is not within 1e-2 of the
+exact reference is never kept. Writes ``lowbit/kernels/configs/<gpu>.json`` (merged with existing
 entries, rewritten after every entry) or ``--out``.
 """
 
