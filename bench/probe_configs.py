@@ -29,7 +29,6 @@ def main():
     p.add_argument("--merge", nargs="+", type=int, default=[0], choices=[0, 1],
                    help="1: one product per scale group (merge_planes)")
     p.add_argument("--maxnreg", nargs="+", type=int, default=[0], help="register caps (0: none)")
-    p.add_argument("--stream-k", nargs="+", type=int, default=[0], help="stream-K programs per SM (0: split-K grid)")
     p.add_argument("--dtype", default="float16")
     a = p.parse_args()
     for cap in a.maxnreg:
@@ -52,11 +51,11 @@ def main():
         dequant = graph_time_us([lambda q=q: dispatch.matmul(x, q, None, config=KernelConfig(path="dequant"))
                                  for q in qws], 15)
         results = []
-        for bn, bm, swap, warps, stages, split, merge, cap, stream in itertools.product(
-                a.block_n, a.block_m, a.swap, a.warps, a.stages, a.splits, a.merge, a.maxnreg, a.stream_k):
+        for bn, bm, swap, warps, stages, split, merge, cap in itertools.product(
+                a.block_n, a.block_m, a.swap, a.warps, a.stages, a.splits, a.merge, a.maxnreg):
             cfg = KernelConfig(block_n=bn, block_m=bm or max(16, min(64, 1 << (m - 1).bit_length())), split_k=split,
                                swap_ab=bool(swap), num_warps=warps, num_stages=stages, merge_planes=bool(merge),
-                               maxnreg=cap or None, stream_k=stream)
+                               maxnreg=cap or None)
             try:
                 us = graph_time_us([lambda q=q: dispatch.fused_matmul(x, q, None, cfg) for q in qws], 15)
             except Exception as e:  # noqa: BLE001 - a config this GPU cannot run
@@ -69,8 +68,7 @@ def main():
         for us, cfg in results:
             print(f"  {us:7.1f} us  x{base / us:.2f}  {qw.nbytes / us / 1e3:5.0f} GB/s  bn={cfg.block_n} "
                   f"bm={cfg.block_m} swap={int(cfg.swap_ab)} warps={cfg.num_warps} stages={cfg.num_stages} "
-                  f"split={cfg.split_k} merge={int(cfg.merge_planes)} maxnreg={cfg.maxnreg} stream_k={cfg.stream_k}",
-                  flush=True)
+                  f"split={cfg.split_k} merge={int(cfg.merge_planes)} maxnreg={cfg.maxnreg}", flush=True)
 
 
 if __name__ == "__main__":

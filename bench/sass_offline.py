@@ -3,7 +3,7 @@ ptxas and cuobjdump) and count the SASS instructions that matter: no device time
 whether the matrix instructions are wgmma or mma.sync, whether the activation loads are
 asynchronous, how many decode instructions the loop holds, and its registers per thread (occupancy).
 
-    python bench/sass_offline.py SCHEME BLOCK_N BLOCK_M SWAP_AB NUM_WARPS NUM_STAGES [MERGE_PLANES [STREAM_K]]
+    python bench/sass_offline.py SCHEME BLOCK_N BLOCK_M SWAP_AB NUM_WARPS NUM_STAGES [MERGE_PLANES]
 """
 import collections
 import re
@@ -20,16 +20,15 @@ from lowbit.bench.common import random_qweight
 from lowbit.kernels.dispatch import kernel_constants, x_sums
 from lowbit.kernels.triton_matmul import lowbit_matmul_kernel
 
-if len(sys.argv) not in (7, 8, 9) or not all(a.isdigit() for a in sys.argv[2:]):
+if len(sys.argv) not in (7, 8) or not all(a.isdigit() for a in sys.argv[2:]):
     sys.exit(__doc__)
 scheme, block_n, block_m, swap, warps, stages = sys.argv[1], *map(int, sys.argv[2:7])
 merge = len(sys.argv) > 7 and bool(int(sys.argv[7]))
-stream_k = len(sys.argv) > 8 and bool(int(sys.argv[8]))
 qw = random_qweight(scheme, 256, 1024, torch.float16, "cpu")
 consts = {**kernel_constants(qw, torch.float16, torch.device("cuda")),
           "HAS_BIAS": False, "EVEN_K": True, "SPARSE": qw.scheme.sparsity is not None, "BLOCK_N": block_n,
           "HAS_X_SUMS": x_sums(torch.zeros(1, 1024, dtype=torch.float16), qw, 128) is not None,
-          "BLOCK_M": block_m, "SWAP_AB": bool(swap), "MERGE_PLANES": merge, "STREAM_K": stream_k}
+          "BLOCK_M": block_m, "SWAP_AB": bool(swap), "MERGE_PLANES": merge}
 names = lowbit_matmul_kernel.arg_names
 TYPES = {torch.uint8: "*u8", torch.int16: "*i16", torch.int32: "*i32", torch.float16: "*fp16", torch.float32: "*fp32"}
 segs = list(qw.packed) + [qw.packed[0]] * (3 - len(qw.packed))  # as dispatch passes them

@@ -29,8 +29,6 @@ INTERP_CONFIGS = [
     KernelConfig(block_n=64, block_m=16, split_k=2, swap_ab=False),
     KernelConfig(block_n=32, block_m=16, split_k=2, swap_ab=True, merge_planes=True),
     KernelConfig(block_n=32, block_m=16, split_k=1, swap_ab=False, merge_planes=True),
-    # stream-K, one program per (CPU: 8) SM: two k-tiles a program, so programs cross tiles and meet in them
-    KernelConfig(block_n=32, block_m=16, swap_ab=True, merge_planes=True, stream_k=1),
 ]
 
 
@@ -48,8 +46,7 @@ def poisoned(m, n, dtype, device):
 
 
 @pytest.mark.parametrize("scheme", INTERP_SCHEMES)
-@pytest.mark.parametrize("cfg", INTERP_CONFIGS, ids=["swap-maxnreg", "swap-split3", "noswap-split2", "swap-merged", "noswap-merged",
-                                                 "swap-streamk"])
+@pytest.mark.parametrize("cfg", INTERP_CONFIGS, ids=["swap-maxnreg", "swap-split3", "noswap-split2", "swap-merged", "noswap-merged"])
 def test_fused_kernel_matches_reference(scheme, cfg):
     m, n, k = (5, 72, 301) if not HAS_CUDA else (37, 200, 1001)  # K: not a multiple of 4 (2:4 groups) or 128
     w = torch.randn(n, k, dtype=torch.float16, device=DEVICE)
@@ -127,8 +124,6 @@ def test_config_validation():
         KernelConfig(path="magic")
     with pytest.raises(ValueError, match="maxnreg must be None or a multiple of 8"):
         KernelConfig(maxnreg=70)
-    with pytest.raises(ValueError, match="stream_k must be >= 0"):
-        KernelConfig(stream_k=-1)
 
 
 def test_heuristic_covers_batches():
@@ -268,11 +263,9 @@ def test_gpu_dispatch_every_batch(scheme, dtype):
     KernelConfig(block_n=128, block_m=16, split_k=4, num_stages=3, maxnreg=64),  # spills
     KernelConfig(block_n=128, block_m=16, split_k=4, num_stages=3, merge_planes=True),
     KernelConfig(block_n=64, block_m=128, split_k=2, swap_ab=False, num_warps=4, merge_planes=True),
-    KernelConfig(block_n=128, block_m=16, num_stages=3, merge_planes=True, stream_k=4),
-    KernelConfig(block_n=64, block_m=64, num_stages=3, stream_k=1),
     dispatch.PREFILL_FUSED,
 ], ids=lambda c: f"n{c.block_n}m{c.block_m}s{c.split_k}{'swap' if c.swap_ab else ''}{c.maxnreg or ''}"
-                 f"{'merged' if c.merge_planes else ''}{f'streamk{c.stream_k}' if c.stream_k else ''}")
+                 f"{'merged' if c.merge_planes else ''}")
 @pytest.mark.parametrize("scheme", ["int4-g128", "int4-g32-asym", "int8-channel", "fp6_e3m2-channel", "fp4_e2m1-g32",
                                     "int4-g128-2:4", "int4-g64-asym", "int4-g128-asym"])
 def test_gpu_fused_configs_poisoned(scheme, cfg, dtype):

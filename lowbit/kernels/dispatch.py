@@ -60,10 +60,6 @@ class KernelConfig:
     # One matrix product per scale group instead of per plane (see the kernel's MERGE): fewer
     # waits on the matrix unit, more live registers; ignored where :func:`merges_planes` is False.
     merge_planes: bool = False
-    # Stream-K: ``stream_k`` programs per SM share the (tile, k-tile) steps equally, a tile's k split
-    # where two programs meet (``split_k`` is then unused): no partial last wave of programs. 0: a grid
-    # of tiles x ``split_k``. Ignored for per-channel zero points (their sums of x are per split).
-    stream_k: int = 0
 
     def __post_init__(self):
         if self.path not in ("fused", "dequant"):
@@ -74,8 +70,6 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {v}")
         if self.split_k < 1:
             raise ValueError(f"KernelConfig.split_k must be >= 1, got {self.split_k}")
-        if self.stream_k < 0:
-            raise ValueError(f"KernelConfig.stream_k must be >= 0 (programs per SM; 0: off), got {self.stream_k}")
         if self.maxnreg is not None and not (32 <= self.maxnreg <= 255 and self.maxnreg % 8 == 0):
             raise ValueError(f"KernelConfig.maxnreg must be None or a multiple of 8 in 32..255, got {self.maxnreg}")
 
@@ -183,28 +177,20 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     dense_tile = dense_tile_k(qw)
     k_tiles = _cdiv(k, dense_tile)
+    split = min(cfg.split_k, k_tiles)
+    per_split = _cdiv(k_tiles, split)
+    split = _cdiv(k_tiles, per_split)  # no empty split
     grid_mn = _cdiv(n, cfg.block_n) * _cdiv(m, cfg.block_m)
-    stream_k = cfg.stream_k > 0 and not (qw.scheme.per_channel and not qw.scheme.symmetric)
-    if stream_k:
-        steps = grid_mn * k_tiles
-        per_program = _cdiv(steps, _num_sms(x.device) * cfg.stream_k)
-        grid = (_cdiv(steps, per_program), 1)
-        split = min(grid[0], (k_tiles + per_program - 2) // per_program + 1)  # most segments of a tile
-    else:
-        split = min(cfg.split_k, k_tiles)
-        per_program = _cdiv(k_tiles, split)
-        split = _cdiv(k_tiles, per_program)  # no empty split
-        grid = (grid_mn, split)
     partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     counters = _counters(x.device, grid_mn) if split > 1 else out
-    sums = x_sums(x, qw, per_program * dense_tile)
+    sums = x_sums(x, qw, per_split * dense_tile)
     segs, strides = _segment_args(qw)
-    lowbit_matmul_kernel[grid](
+    lowbit_matmul_kernel[(grid_mn, split)](
         x, *segs, qw.scales, qw.zeros if qw.zeros is not None else qw.scales, bias if bias is not None else out,
         out, partial, counters, out if sums is None else sums, m, n, k, x.stride(0), out.stride(0), *strides,
-        0 if sums is None else sums.stride(0), per_program, qw.num_groups, split, HAS_X_SUMS=sums is not None,
+        0 if sums is None else sums.stride(0), per_split, qw.num_groups, split, HAS_X_SUMS=sums is not None,
         HAS_BIAS=bias is not None, EVEN_K=k % dense_tile == 0, SPARSE=qw.scheme.sparsity is not None,
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab, MERGE_PLANES=cfg.merge_planes, STREAM_K=stream_k,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SWAP_AB=cfg.swap_ab, MERGE_PLANES=cfg.merge_planes,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
         **kernel_constants(qw, x.dtype, x.device))
     return out

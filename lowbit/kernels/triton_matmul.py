@@ -250,62 +250,8 @@ def lowbit_matmul_kernel(
     ASMP: tl.constexpr, ASMP_REGS: tl.constexpr, SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr,
     ROW_BLOCK: tl.constexpr,
     SPARSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr,
-    MERGE_PLANES: tl.constexpr, STREAM_K: tl.constexpr,
-):
-    """``out = x @ W.T (+ bias)`` for a low-bit ``W``; see the module docstring.
-
-    Programs: with ``STREAM_K``, program ``p`` takes the ``k_tiles_per_split`` consecutive (tile, k-tile)
-    steps from ``p * k_tiles_per_split`` (tiles m fastest, k inner), so every program has the same
-    work and a tile's k is split where programs meet; otherwise program ``(p, s)`` takes split ``s`` of
-    tile ``p`` (``split_k`` splits of ``k_tiles_per_split`` k-tiles)."""
-    KT: tl.constexpr = 2 * 128 if SPARSE else 128
-    k_tiles = tl.cdiv(K, KT)
-    pid = tl.program_id(0)
-    # (a segment: its tile, k-tiles, index among the tile's segments and their count)
-    if STREAM_K:
-        step = pid * k_tiles_per_split
-        last_step = tl.minimum(step + k_tiles_per_split, tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N) * k_tiles)
-        while step < last_step:
-            tile = step // k_tiles
-            t_start = step - tile * k_tiles
-            t_end = tl.minimum(k_tiles, t_start + last_step - step)
-            first = tile * k_tiles // k_tiles_per_split  # the programs meeting in this tile: first .. last
-            last = ((tile + 1) * k_tiles - 1) // k_tiles_per_split
-            _tile_segment(tile, t_start, t_end, pid - first, last - first + 1,
-                          x_ptr, seg0_ptr, seg1_ptr, seg2_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
-                          partial_ptr, counter_ptr, xsums_ptr, M, N, K, stride_xm, stride_om, stride_w0, stride_w1,
-                          stride_w2, stride_xs, n_groups, BITS, SEG0, SEG1, SEG2, PD, IS_FLOAT, MAN_BITS, FLOAT_FACTOR,
-                          SYMMETRIC, OFFSET, GROUP_SIZE, SCALE_MX, HAS_X_SUMS, HAS_BIAS, COMPUTE, ASM4, ASM8, ASMP,
-                          ASMP_REGS, SCALE_IN_COMPUTE, EVEN_K, ROW_BLOCK, SPARSE, BLOCK_N, BLOCK_M, SWAP_AB,
-                          MERGE_PLANES)
-            step += t_end - t_start
-    else:
-        t_start = tl.program_id(1) * k_tiles_per_split
-        t_end = tl.minimum(t_start + k_tiles_per_split, k_tiles)
-        _tile_segment(pid, t_start, t_end, tl.program_id(1), split_k,
-                      x_ptr, seg0_ptr, seg1_ptr, seg2_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
-                      partial_ptr, counter_ptr, xsums_ptr, M, N, K, stride_xm, stride_om, stride_w0, stride_w1,
-                      stride_w2, stride_xs, n_groups, BITS, SEG0, SEG1, SEG2, PD, IS_FLOAT, MAN_BITS, FLOAT_FACTOR,
-                      SYMMETRIC, OFFSET, GROUP_SIZE, SCALE_MX, HAS_X_SUMS, HAS_BIAS, COMPUTE, ASM4, ASM8, ASMP,
-                      ASMP_REGS, SCALE_IN_COMPUTE, EVEN_K, ROW_BLOCK, SPARSE, BLOCK_N, BLOCK_M, SWAP_AB, MERGE_PLANES)
-
-
-@triton.jit
-def _tile_segment(
-    tile, t_start, t_end, seg, count,
-    x_ptr, seg0_ptr, seg1_ptr, seg2_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, xsums_ptr,
-    M, N, K, stride_xm, stride_om, stride_w0, stride_w1, stride_w2, stride_xs, n_groups,
-    BITS: tl.constexpr, SEG0: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr, PD: tl.constexpr,
-    IS_FLOAT: tl.constexpr, MAN_BITS: tl.constexpr, FLOAT_FACTOR: tl.constexpr,
-    SYMMETRIC: tl.constexpr, OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MX: tl.constexpr,
-    HAS_X_SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, ASM4: tl.constexpr, ASM8: tl.constexpr,
-    ASMP: tl.constexpr, ASMP_REGS: tl.constexpr, SCALE_IN_COMPUTE: tl.constexpr, EVEN_K: tl.constexpr,
-    ROW_BLOCK: tl.constexpr,
-    SPARSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr,
     MERGE_PLANES: tl.constexpr,
 ):
-    """K-tiles ``t_start .. t_end - 1`` of output tile ``tile`` (m fastest); ``seg`` of the tile's
-    ``count`` segments: the last to arrive sums the partials in segment order and writes the output."""
     TILE_K: tl.constexpr = 128
     NP: tl.constexpr = TILE_K // PD  # planes per tile
     # 2:4 sparse: a tile of 128 stored columns is 256 dense k, a plane of PD stored columns 2*PD.
@@ -326,7 +272,6 @@ def _tile_segment(
     # are 0, not q = z (zero points meet the kept codes instead).
     ZERO_BY_SUMS: tl.constexpr = (not SYMMETRIC) and (not ELEMENT_SCALE) and (not SPARSE)
     tl.static_assert(ZERO_BY_SUMS == HAS_X_SUMS, "dispatch.x_sums and the kernel disagree on zero-point sums")
-    # (per-channel zero points come off with the sums of x over the segment's k: one block per split)
     GROUPS_PER_TILE: tl.constexpr = NP // PLANES_PER_GROUP if GROUP_SCALE else 0
     # One matrix product per scale group (per-channel: per tile), its planes joined along k, instead
     # of one per plane: Triton waits for each product whose weight operand is in registers before the
@@ -338,8 +283,10 @@ def _tile_segment(
     PLANES_PER_PRODUCT: tl.constexpr = GROUP_PLANES if MERGE else 1
 
     num_m_tiles = tl.cdiv(M, BLOCK_M)
-    pid_n = tile // num_m_tiles  # m fastest: programs sharing a weight tile run together (L2 reuse)
-    pid_m = tile % num_m_tiles
+    pid = tl.program_id(0)
+    pid_n = pid // num_m_tiles  # m fastest: programs sharing a weight tile run together (L2 reuse)
+    pid_m = pid % num_m_tiles
+    pid_k = tl.program_id(1)
 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -349,6 +296,8 @@ def _tile_segment(
     m_mask = rm < M
 
     k_tiles = tl.cdiv(K, KT)
+    t_start = pid_k * k_tiles_per_split
+    t_end = tl.minimum(t_start + k_tiles_per_split, k_tiles)
 
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -357,7 +306,7 @@ def _tile_segment(
 
     if ZERO_BY_SUMS:  # sum_k x of the current group (per-channel: of the split's k)
         if PER_CHANNEL:
-            xsum = _x_sums(xsums_ptr, stride_xs, rm, m_mask, seg, SWAP_AB)
+            xsum = _x_sums(xsums_ptr, stride_xs, rm, m_mask, pid_k, SWAP_AB)
         else:
             xs_next = _tile_x_sums(xsums_ptr, stride_xs, rm, m_mask, t_start, GROUPS_PER_TILE, SWAP_AB)
     if PER_CHANNEL:
@@ -477,17 +426,17 @@ def _tile_segment(
         p_off = rm[:, None] * N + rn[None, :]
         o_mask = m_mask[:, None] & n_mask[None, :]
 
-    if count > 1:
-        tl.store(partial_ptr + seg * M * N + p_off, acc, mask=o_mask)
+    if split_k > 1:
+        tl.store(partial_ptr + pid_k * M * N + p_off, acc, mask=o_mask)
         tl.debug_barrier()  # every thread's partial is written before the counter says so
-        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
-        if arrived == count - 1:
+        arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
+        if arrived == split_k - 1:
             tl.debug_barrier()
             acc = tl.load(partial_ptr + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
-            for s in range(1, count):
+            for s in range(1, split_k):
                 acc += tl.load(partial_ptr + s * M * N + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
             _store_output(acc, bias_ptr, out_ptr, o_off, o_mask, rn, n_mask, HAS_BIAS, SWAP_AB)
-            tl.atomic_xchg(counter_ptr + tile, 0)
+            tl.atomic_xchg(counter_ptr + pid, 0)
     else:
         _store_output(acc, bias_ptr, out_ptr, o_off, o_mask, rn, n_mask, HAS_BIAS, SWAP_AB)
 
