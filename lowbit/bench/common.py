@@ -8,6 +8,7 @@ import math
 import os
 import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -113,9 +114,12 @@ def copies_for(bytes_per_copy: int, device) -> int:
     return max(1, math.ceil(3 * l2 / max(bytes_per_copy, 1)) + 1)
 
 
-def graph_time_us(calls, replays: int = 25, min_calls: int = 8) -> float:
+def graph_time_us(calls, replays: int = 25, min_calls: int = 8, settle_ms: float = 100.0) -> float:
     """Median microseconds per call of ``calls`` (closures, e.g. one per rotated weight copy),
-    captured once in a CUDA graph and replayed ``replays`` times."""
+    captured once in a CUDA graph and replayed ``replays`` times, after ``settle_ms`` of untimed
+    replays: the GPU's clock follows its power draw (H200: 1980 MHz after idle, 1470 after a
+    compute-bound prefill), and latency-bound kernels follow the clock (int4 decode 67 -> 90 us,
+    bench/NOTES.md), so each case is timed at its own steady state, not its predecessor's."""
     for f in calls:  # compile and warm up outside the capture
         f()
     torch.cuda.synchronize()
@@ -130,8 +134,10 @@ def graph_time_us(calls, replays: int = 25, min_calls: int = 8) -> float:
     with torch.cuda.graph(graph):
         for f in seq:
             f()
-    graph.replay()
-    torch.cuda.synchronize()
+    start = time.perf_counter()
+    while time.perf_counter() - start < settle_ms / 1000:
+        graph.replay()
+        torch.cuda.synchronize()
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
