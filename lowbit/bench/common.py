@@ -117,7 +117,7 @@ def copies_for(bytes_per_copy: int, device) -> int:
 def graph_time_us(calls, replays: int = 25, min_calls: int = 8, settle_ms: float = 100.0) -> float:
     """Median microseconds per call of ``calls`` (closures, e.g. one per rotated weight copy),
     captured once in a CUDA graph and replayed ``replays`` times, after ``settle_ms`` of untimed
-    replays: the GPU's clock follows its power draw (H200: 1980 MHz after idle, 1470 after a
+    replays: the GPU's clock follows its power draw (H200: 1980 MHz after light work, 1470 after a
     compute-bound prefill), and latency-bound kernels follow the clock (int4 decode 67 -> 90 us,
     bench/NOTES.md), so each case is timed at its own steady state, not its predecessor's."""
     for f in calls:  # compile and warm up outside the capture
@@ -134,10 +134,12 @@ def graph_time_us(calls, replays: int = 25, min_calls: int = 8, settle_ms: float
     with torch.cuda.graph(graph):
         for f in seq:
             f()
-    start = time.perf_counter()
-    while time.perf_counter() - start < settle_ms / 1000:
+    settle_start = time.perf_counter()
+    while True:  # at least one replay: the first launch of a graph costs extra
         graph.replay()
         torch.cuda.synchronize()
+        if time.perf_counter() - settle_start >= settle_ms / 1000:
+            break
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

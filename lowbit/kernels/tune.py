@@ -148,8 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--sets", nargs="+", default=list(LAYER_SETS), choices=list(LAYER_SETS))
     p.add_argument("--schemes", nargs="+", default=["int4-g128", "int8-channel"],
                    help="one scheme per (bits, scale kind) the table should cover")
-    p.add_argument("--layers", nargs="+", choices=sorted({name for layers in LAYER_SETS.values() for name, *_ in layers}),
-                   help="only these layers of each set (default: all)")
+    layer_names = sorted({name for layers in LAYER_SETS.values() for name, *_ in layers})
+    p.add_argument("--layers", nargs="+", choices=layer_names, help="only these layers of each set (default: all)")
     p.add_argument("--batches", nargs="+", type=int, default=DEFAULT_BATCHES)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     p.add_argument("--replays", type=int, default=15)
