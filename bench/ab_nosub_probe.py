@@ -1,9 +1,7 @@
 """Timing-only A/B: int4/int8 decoders without their packed subtraction (values off by a constant:
 results wrong, only the time counts), same configs, same process."""
-import sys
 import torch
-import torch.nn.functional as F
-from lowbit.bench.common import clone_qweight, copies_for, graph_time_us, random_qweight
+from lowbit.bench.common import graph_time_us, random_qweight, rotated_copies
 from lowbit.kernels import decoders, dispatch
 from lowbit.kernels.dispatch import KernelConfig
 
@@ -32,7 +30,7 @@ dev = torch.device("cuda")
 for scheme, k, n, m, dt, bn, warps, split in CASES:
     dtype = getattr(torch, dt)
     qw = random_qweight(scheme, n, k, dtype, dev)
-    qws = [qw] + [clone_qweight(qw) for _ in range(copies_for(qw.nbytes, dev) - 1)]
+    qws = rotated_copies(qw)
     x = torch.randn(m, k, dtype=dtype, device=dev)
     cfg = KernelConfig(block_n=bn, block_m=16 if m <= 16 else 32, split_k=split, swap_ab=True, num_warps=warps,
                        num_stages=3, merge_planes=scheme.startswith("int4"))

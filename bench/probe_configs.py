@@ -10,7 +10,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from lowbit.bench.common import clone_qweight, copies_for, graph_time_us, random_qweight
+from lowbit.bench.common import copies_for, graph_time_us, random_qweight, rotated_copies
 from lowbit.kernels import dispatch
 from lowbit.kernels.dispatch import KernelConfig
 
@@ -41,7 +41,7 @@ def main():
     dtype = getattr(torch, a.dtype)
     dev = torch.device("cuda")
     qw = random_qweight(a.scheme, n, k, dtype, dev)
-    qws = [qw] + [clone_qweight(qw) for _ in range(copies_for(qw.nbytes, dev) - 1)]
+    qws = rotated_copies(qw)
     for m in a.ms:
         x = torch.randn(m, k, dtype=dtype, device=dev)
         w = torch.randn(n, k, dtype=dtype, device=dev)

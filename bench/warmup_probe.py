@@ -10,7 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lowbit.bench.common import clone_qweight, copies_for, graph_time_us, random_qweight
+from lowbit.bench.common import copies_for, graph_time_us, random_qweight, rotated_copies
 from lowbit.kernels import dispatch
 
 dev = torch.device("cuda")
@@ -39,7 +39,7 @@ for name in ("int4-g128", "cublas"):
         calls = [lambda w=w: F.linear(x, w) for w in ws]
     else:
         qw = random_qweight(name, n, k, torch.float16, dev)
-        qws = [qw] + [clone_qweight(qw) for _ in range(copies_for(qw.nbytes, dev) - 1)]
+        qws = rotated_copies(qw)
         calls = [lambda q=q: dispatch.matmul(x, q, None) for q in qws]
     for trial in range(2):
         time.sleep(0.5)  # host work: the GPU idles

@@ -114,6 +114,12 @@ def copies_for(bytes_per_copy: int, device) -> int:
     return max(1, math.ceil(3 * l2 / max(bytes_per_copy, 1)) + 1)
 
 
+def rotated_copies(qw: QuantizedWeight) -> list[QuantizedWeight]:
+    """``qw`` and enough fresh copies of it that a pass over them all spans more than 3x the L2 cache
+    (timed calls rotate over them, so every weight read comes from DRAM)."""
+    return [qw] + [clone_qweight(qw) for _ in range(copies_for(qw.nbytes, qw.device) - 1)]
+
+
 def graph_time_us(calls, replays: int = 25, min_calls: int = 8, settle_ms: float = 100.0) -> float:
     """Median microseconds per call of ``calls`` (closures, e.g. one per rotated weight copy),
     captured once in a CUDA graph and replayed ``replays`` times, after ``settle_ms`` of untimed

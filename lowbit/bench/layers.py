@@ -19,8 +19,8 @@ from triton.errors import TritonError
 
 from ..kernels import dispatch
 from ..scheme import Scheme
-from .common import LAYER_SETS, clone_qweight, copies_for, copy_bandwidth_gbs, graph_time_us, plot_speedups, \
-    random_qweight, read_bandwidth_gbs, relative_error, replot, run_metadata
+from .common import LAYER_SETS, copies_for, copy_bandwidth_gbs, graph_time_us, plot_speedups, random_qweight, \
+    read_bandwidth_gbs, relative_error, replot, rotated_copies, run_metadata
 
 DEFAULT_BATCHES = [1, 8, 16, 32, 64, 128, 256, 512, 1024]
 DEFAULT_SCHEMES = ["int4-g128", "int8-channel"]
@@ -36,7 +36,7 @@ def _cublas_us(k: int, n: int, m: int, dtype, device, replays: int) -> float:
 
 
 def _lowbit_us(qw, m: int, device, replays: int, config=None) -> float:
-    qws = [qw] + [clone_qweight(qw) for _ in range(copies_for(qw.nbytes, device) - 1)]
+    qws = rotated_copies(qw)
     x = torch.randn(m, qw.in_features, dtype=qw.dtype, device=device)
     us = graph_time_us([lambda q=q: dispatch.matmul(x, q, None, config=config) for q in qws], replays)
     del qws

@@ -22,7 +22,7 @@ import torch
 from triton.runtime.errors import OutOfResources, PTXASError
 
 from ..scheme import Scheme
-from ..bench.common import (LAYER_SETS, clone_qweight, copies_for, graph_time_us, random_qweight, relative_error,
+from ..bench.common import (LAYER_SETS, graph_time_us, random_qweight, relative_error, rotated_copies,
                             run_metadata)
 from . import dispatch
 from .dispatch import KernelConfig
@@ -81,13 +81,9 @@ def confirm(seen: dict, retime) -> tuple[KernelConfig, float]:
     return best, statistics.median(times[best])
 
 
-def _weight_copies(qw) -> list:
-    return [qw] + [clone_qweight(qw) for _ in range(copies_for(qw.nbytes, qw.device) - 1)]
-
-
 def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, float, dict]:
     device = qw.device
-    qws = _weight_copies(qw)
+    qws = rotated_copies(qw)
     x = torch.randn(m, qw.in_features, dtype=qw.dtype, device=device)
     reference = torch.nn.functional.linear(x.float(), qw.dequantize(torch.float32))
     k_tiles = -(-qw.in_features // 128)
@@ -133,7 +129,7 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
     del qws
 
     def retime(finalists: list) -> dict:
-        copies = _weight_copies(qw)
+        copies = rotated_copies(qw)
         return {cfg: _time(copies, x, cfg, replays) for cfg in finalists}
 
     measured = {cfg: us for cfg, us in seen.items() if us != float("inf")}
