@@ -363,10 +363,23 @@ def test_gpu_tuner_returns_a_measured_config_that_is_right():
     qw = random_qweight("int4-g128", 1024, 4096, torch.float16, "cuda")
     cfg, us, info = tune.tune_one(qw, 1, replays=3, rounds=1)
     # the heuristic, the two split-free seeds, dequantize + cuBLAS, and a round of neighbours
-    assert 0 < us < float("inf") and info["tried"] > 4
+    assert 0 < us < float("inf") and 0 < info["shipped_us"] < float("inf") and info["tried"] > 4
     x = torch.randn(1, 4096, dtype=torch.float16, device="cuda")
     assert rel_err(lowbit.matmul(x, qw) if cfg.path == "dequant" else dispatch.fused_matmul(x, qw, None, cfg),
                    reference(x, qw)) < 2e-3
+
+
+@pytest.mark.gpu
+def test_gpu_retune_keeps_the_shipped_config_when_nothing_beats_it(monkeypatch):
+    from lowbit.bench.common import random_qweight
+    from lowbit.kernels import tune
+
+    qw = random_qweight("int4-g128", 1024, 4096, torch.float16, "cuda")
+    shipped = KernelConfig(block_n=32, split_k=5, num_warps=2, num_stages=2)  # far from the heuristic
+    monkeypatch.setattr(dispatch, "choose_config", lambda *args: shipped)
+    monkeypatch.setattr(tune, "_time", lambda qws, x, cfg, replays: 5.0 if cfg == shipped else 10.0)
+    cfg, us, info = tune.tune_one(qw, 1, replays=3, rounds=1)
+    assert cfg == shipped and us == info["shipped_us"] == 5.0
 
 
 @pytest.mark.gpu
