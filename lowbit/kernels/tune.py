@@ -2,13 +2,13 @@
 
 For each (layer shape, batch M, bits, scale kind, activation dtype: ``--dtype``) it times
 candidate configs with the same method as the benchmark (CUDA-graph replay, weights rotated over
-> 3x L2) by coordinate descent from the faster of the heuristic config and the shipped one
-(split-K, then pipeline depth, then tile sizes and warps), also times dequantize + cuBLAS, then
-times the fastest few again on fresh weight copies and keeps the lowest median (one kernel's time
-moved by up to 17 % between two sets of copies on the H200: a single timing picks luck); a config
-whose output is not within 1e-2 of the exact reference is never kept. Writes
-``lowbit/kernels/configs/<gpu>.json`` (merged with existing entries, rewritten after every entry)
-or ``--out``.
+> 3x L2) by coordinate descent (split-K, then pipeline depth, then tile sizes and warps) from the
+fastest of a few starts (the heuristic config, the entry being replaced, split-free seeds), also
+times dequantize + cuBLAS, then times the fastest few again on fresh weight copies and keeps the
+lowest median (one kernel's time moved by up to 17 % between two sets of copies on the H200: a
+single timing picks luck); a config whose output is not within 1e-2 of the exact reference is
+never kept. Writes ``lowbit/kernels/configs/<gpu>.json`` (merged with existing entries, rewritten
+after every entry) or ``--out``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import dataclasses
 import io
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -36,13 +37,20 @@ CONFIRMATIONS = 2  # ... this many fresh sets of weight copies
 
 
 def _time(qws, x, cfg: KernelConfig, replays: int) -> float:
-    try:  # Triton prints a failed ptxas run's whole PTX to stdout: one line below says why instead
-        with contextlib.redirect_stdout(io.StringIO()):
+    # Triton prints a failed ptxas run's whole PTX to stdout: held back, and dropped where one
+    # line says why; anything else printed meanwhile is passed on.
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held):
             return graph_time_us([lambda q=q: dispatch.matmul(x, q, None, config=cfg) for q in qws], replays)
     except (OutOfResources, PTXASError) as e:  # too much shared memory, or a register cap below the tile's need
+        held = None
         lines = str(e).splitlines()
         print(f"    {cfg}: {next((l for l in lines if 'fatal' in l), lines[0] if lines else type(e).__name__)[:120]}")
         return float("inf")
+    finally:
+        if held is not None:
+            sys.stdout.write(held.getvalue())
 
 
 def _neighbours(cfg: KernelConfig, m: int, k_tiles: int, merge_axis: bool):
@@ -86,6 +94,9 @@ def confirm(seen: dict, retime) -> tuple[KernelConfig, float]:
 
 
 def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, float, dict]:
+    """The fastest right config for ``qw`` at ``m`` tokens, its confirmed median microseconds, and
+    ``heuristic_us`` / ``shipped_us``: the first timings of the heuristic's config (its prefill tiles
+    where the heuristic is dequantize + cuBLAS) and of what dispatch ran before this run."""
     device = qw.device
     qws = rotated_copies(qw)
     x = torch.randn(m, qw.in_features, dtype=qw.dtype, device=device)
@@ -107,35 +118,37 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
                 return float("inf")
         return us
 
-    seen = {best: measure(best)}
-    # The entry this run replaces (or what dispatch runs now) is a candidate too: a retune can land
-    # on another descent path and must not ship a slower config than it replaces.
+    seen: dict[KernelConfig, float] = {}
+
+    def add(cfg: KernelConfig) -> None:
+        if cfg not in seen:
+            seen[cfg] = measure(cfg)
+
+    add(best)
+    # What dispatch runs now (the entry this run replaces, else the heuristic) is a start too: a
+    # retune can take another descent path and must not ship a slower config than it replaces.
     shipped = dispatch.choose_config(m, qw, device, qw.dtype)
-    if shipped not in seen:
-        seen[shipped] = measure(shipped)
-    shipped_us = seen[shipped]
+    if shipped.path == "fused":  # dequantize + cuBLAS has no neighbours: it is timed last
+        add(shipped)
     if m > 16:  # the other orientation is a candidate too
-        alt = dataclasses.replace(best, swap_ab=not best.swap_ab,
-                                  block_m=(128 if m > 128 else 64) if best.swap_ab else max(16, min(64, m)),
-                                  num_warps=8 if best.swap_ab else 4)
-        seen[alt] = measure(alt)
-    if best.path == "fused" and best.split_k > 1:
+        add(dataclasses.replace(best, swap_ab=not best.swap_ab,
+                                block_m=(128 if m > 128 else 64) if best.swap_ab else max(16, min(64, m)),
+                                num_warps=8 if best.swap_ab else 4))
+    if best.split_k > 1:
         # Split-free seeds: one step per axis from the heuristic's split-K rarely reaches them, and
         # their kernels skip the partials' round trips to L2 (part of a ~5 us fixed cost a kernel).
         for block_n, warps in ((64, 4), (32, 2)):
-            seed = dataclasses.replace(best, split_k=1, block_n=block_n, num_warps=warps, num_stages=4)
-            if seed not in seen:
-                seen[seed] = measure(seed)
+            add(dataclasses.replace(best, split_k=1, block_n=block_n, num_warps=warps, num_stages=4))
     for _ in range(rounds):
         current = min(seen, key=seen.get)
         for cand in _neighbours(current, m, k_tiles, dispatch.merges_planes(qw)):
-            if cand not in seen:
-                seen[cand] = measure(cand)
+            add(cand)
         if min(seen, key=seen.get) == current:
             break
-    dq = KernelConfig(path="dequant")
-    seen[dq] = measure(dq)
-    heuristic_us, tried = next(iter(seen.values())), len(seen)
+    dequant = KernelConfig(path="dequant")
+    add(dequant)
+    heuristic_us, tried = seen[best], len(seen)
+    shipped_us = seen[shipped if shipped.path == "fused" else dequant]
     del qws
 
     def retime(finalists: list) -> dict:
@@ -146,7 +159,17 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
     if not measured:
         raise RuntimeError(f"{qw.scheme} {qw.out_features}x{qw.in_features} M={m}: no config ran with a right result")
     best, us = confirm(measured, retime)
-    return best, us, {"heuristic_us": heuristic_us, "shipped_us": shipped_us, "tried": tried}
+    return best, us, {"heuristic_us": _finite(heuristic_us), "shipped_us": _finite(shipped_us), "tried": tried}
+
+
+def _finite(us: float) -> float | None:
+    """``us``, or None for a config that failed to run or gave a wrong result (the table stays
+    plain JSON: no Infinity)."""
+    return us if us != float("inf") else None
+
+
+def _text(us: float | None) -> str:
+    return "failed" if us is None else f"{us:.1f}"
 
 
 def main(argv=None) -> int:
@@ -183,8 +206,8 @@ def main(argv=None) -> int:
                     key = dispatch.table_key(m, qw, dtype)
                     entries[json.dumps(key, sort_keys=True)] = {"key": key, "config": dataclasses.asdict(cfg),
                                                                 "us": us, **info}
-                    print(f"{scheme} {set_name}/{layer} M={m}: {us:.1f} us (heuristic {info['heuristic_us']:.1f}, "
-                          f"shipped {info['shipped_us']:.1f}, {info['tried']} tried) {cfg}", flush=True)
+                    print(f"{scheme} {set_name}/{layer} M={m}: {us:.1f} us (heuristic {_text(info['heuristic_us'])}, "
+                          f"shipped {_text(info['shipped_us'])}, {info['tried']} tried) {cfg}", flush=True)
                     _write_table(out, device, entries)  # after every entry: a run cut short keeps them
                 del qw
                 torch.cuda.empty_cache()
