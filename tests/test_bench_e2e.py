@@ -75,6 +75,33 @@ def test_layers_replot_prints_the_table_of_its_json(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_layers_run_sums_each_scheme_over_the_block_and_keeps_going_past_a_failed_scheme(monkeypatch):
+    from lowbit.bench import common, layers
+
+    # The run's loop on the CPU: the timers, the bandwidth probes and the GPU's name patched out.
+    monkeypatch.setattr(layers, "run_metadata", lambda device: {"gpu": "test GPU"})
+    monkeypatch.setattr(layers, "copy_bandwidth_gbs", lambda device: 1000.0)
+    monkeypatch.setattr(layers, "read_bandwidth_gbs", lambda device: 2000.0)
+    monkeypatch.setattr(layers, "random_qweight", lambda scheme, n, k, dtype, device: common.random_qweight(
+        scheme, n // 64, k // 64, dtype, "cpu"))
+    monkeypatch.setattr(layers, "_check", lambda qw, device: 1e-4)
+    monkeypatch.setattr(layers, "_cublas_us", lambda k, n, m, dtype, device, replays: 4.0 * m)
+
+    def lowbit_us(qw, m, device, replays, config=None):
+        if qw.scheme.bits == 8:
+            raise RuntimeError("simulated kernel failure")
+        return 1.0 * m
+
+    monkeypatch.setattr(layers, "_lowbit_us", lowbit_us)
+    said = []
+    result = layers.run(["llama2-7b"], ["int4-g128", "int8-channel"], [1, 16], [torch.float16], device="cpu",
+                        progress=said.append)
+    assert {(b["scheme"], b["M"]) for b in result["blocks"]} == {("int4-g128", 1), ("int4-g128", 16)}
+    assert all(b["us"] == 4 * b["M"] and b["speedup"] == 4.0 for b in result["blocks"])  # four layers a block
+    assert len(result["rows"]) == 8 and result["errors"][0]["scheme"] == "int8-channel"
+    assert any("int8-channel: FAILED RuntimeError" in line for line in said)
+
+
 def test_layers_table_roofline_uses_the_read_bandwidth_when_measured():
     from lowbit.bench import layers
 

@@ -415,6 +415,33 @@ def test_retune_times_a_shipped_dequantize_once_and_never_descends_from_it(monke
     assert [c.path for c in first_pass].count("dequant") == 1 and first_pass[-1] == dequant
 
 
+def test_tune_command_writes_an_entry_per_layer_and_batch_and_keeps_other_entries(monkeypatch, tmp_path, capsys):
+    import json
+
+    from lowbit.bench.common import random_qweight
+    from lowbit.kernels import tune
+
+    # The command's loop on the CPU: the search and the GPU's name patched out.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tune, "random_qweight", lambda scheme, n, k, dtype, device: random_qweight(
+        scheme, n // 64, k // 64, dtype, "cpu"))
+    monkeypatch.setattr(tune, "run_metadata", lambda device: {"gpu": "test GPU"})
+    found = KernelConfig(split_k=3)
+    monkeypatch.setattr(tune, "tune_one", lambda qw, m, replays: (found, 10.0 + m, {
+        "heuristic_us": 20.0, "shipped_us": None, "tried": 5}))
+    out = tmp_path / "table.json"
+    kept = {"key": {"bits": 8, "m": 1}, "config": {}, "us": 1.0}
+    out.write_text(json.dumps({"entries": [kept]}))
+    assert tune.main(["--sets", "llama2-7b", "--layers", "qkv", "o", "--schemes", "int4-g128", "--batches", "1",
+                      "16", "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["gpu"] == "test GPU" and kept in table["entries"] and len(table["entries"]) == 5
+    new = [e for e in table["entries"] if e != kept]
+    assert {(e["key"]["n"] * 64, e["key"]["m"]) for e in new} == {(12288, 1), (12288, 16), (4096, 1), (4096, 16)}
+    assert all(e["config"]["split_k"] == 3 and e["us"] == 10.0 + e["key"]["m"] for e in new)
+    assert "shipped failed" in capsys.readouterr().out
+
+
 def test_tuner_drops_the_ptx_triton_prints_on_a_ptxas_failure_and_passes_other_output_on(monkeypatch, capsys):
     from triton.runtime.errors import PTXASError
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from triton.errors import TritonError
 
 from ..kernels import dispatch
@@ -64,15 +65,18 @@ def _torch_int4_us(k: int, n: int, m: int, device, replays: int) -> float | None
         return None
 
 
-def run(layer_sets, schemes, batches, dtypes, replays=25, peers=True, device="cuda", progress=print) -> dict:
+def run(layer_sets, schemes, batches, dtypes, replays=25, peers=True, device="cuda", progress=tqdm.write) -> dict:
     device = torch.device(device)
     meta = run_metadata(device)
     bw, read_bw = copy_bandwidth_gbs(device), read_bandwidth_gbs(device)
     rows, blocks, errors = [], [], []
+    # a step: one layer set's baselines (cuBLAS, peers) or one scheme, in one dtype
+    bar = tqdm(total=len(layer_sets) * len(dtypes) * (1 + len(schemes)), desc="bench layers", unit="step")
     for set_name in layer_sets:
         layers = LAYER_SETS[set_name]
         for dtype in dtypes:
             dname = str(dtype).removeprefix("torch.")
+            bar.set_postfix_str(f"{set_name} {dname} cuBLAS")
             base = {(name, m): _cublas_us(k, n, m, dtype, device, replays) for name, k, n in layers for m in batches}
             peer_rows = {}
             if peers and dtype == torch.bfloat16:
@@ -81,13 +85,16 @@ def run(layer_sets, schemes, batches, dtypes, replays=25, peers=True, device="cu
                         peer_rows[(name, m)] = _torch_int4_us(k, n, m, device, replays)
                         if peer_rows[(name, m)] is None:
                             break
+            bar.update()
             for scheme in schemes + (["torch-int4-tinygemm-g128"] if peer_rows else []):
+                bar.set_postfix_str(f"{set_name} {dname} {scheme}")
                 try:
                     per_m = _bench_scheme(scheme, set_name, layers, batches, base, peer_rows, dname, dtype, device,
                                           replays, rows)
                 except (RuntimeError, ValueError, TritonError) as e:  # one scheme's failure keeps the other rows
                     progress(f"{set_name} {dname} {scheme}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                     errors.append({"layer_set": set_name, "scheme": scheme, "dtype": dname, "error": str(e)[:2000]})
+                    bar.update(scheme in schemes)
                     continue
                 for m, (us, b, wb) in per_m.items():
                     if us:
@@ -96,7 +103,9 @@ def run(layer_sets, schemes, batches, dtypes, replays=25, peers=True, device="cu
                                        "read_roofline_frac": wb / us / 1e3 / read_bw})
                 progress(f"{set_name} {dname} {scheme}: " + " ".join(
                     f"M{m}={per_m[m][1] / per_m[m][0]:.2f}x" for m in batches if per_m[m][0]))
+                bar.update(scheme in schemes)  # the peer's row was timed with the baselines
             torch.cuda.empty_cache()
+    bar.close()
     return {**meta, "kind": "layers", "copy_bandwidth_gbs": bw, "read_bandwidth_gbs": read_bw, "rows": rows,
             "blocks": blocks, "errors": errors}
 

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from triton.runtime.errors import OutOfResources, PTXASError
 
 from ..scheme import Scheme
@@ -46,7 +47,8 @@ def _time(qws, x, cfg: KernelConfig, replays: int) -> float:
     except (OutOfResources, PTXASError) as e:  # too much shared memory, or a register cap below the tile's need
         held = None
         lines = str(e).splitlines()
-        print(f"    {cfg}: {next((l for l in lines if 'fatal' in l), lines[0] if lines else type(e).__name__)[:120]}")
+        reason = next((l for l in lines if "fatal" in l), lines[0] if lines else type(e).__name__)
+        tqdm.write(f"    {cfg}: {reason[:120]}")
         return float("inf")
     finally:
         if held is not None:
@@ -114,7 +116,7 @@ def tune_one(qw, m: int, replays: int, rounds: int = 3) -> tuple[KernelConfig, f
         if us != float("inf"):
             err = relative_error(dispatch.matmul(x, qw, None, config=cfg), reference)
             if not err < 1e-2:
-                print(f"    {cfg}: relative error {err:.2e}, not a candidate")
+                tqdm.write(f"    {cfg}: relative error {err:.2e}, not a candidate")
                 return float("inf")
         return us
 
@@ -195,22 +197,25 @@ def main(argv=None) -> int:
     entries = {json.dumps(e["key"], sort_keys=True): e for e in data["entries"]}
     dtype = getattr(torch, a.dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
+    layers = [(set_name, layer, k, n) for set_name in a.sets for layer, k, n in LAYER_SETS[set_name]
+              if not a.layers or layer in a.layers]
+    bar = tqdm(total=len(a.schemes) * len(layers) * len(a.batches), desc="tune", unit="entry")
     for scheme in a.schemes:
-        for set_name in a.sets:
-            for layer, k, n in LAYER_SETS[set_name]:
-                if a.layers and layer not in a.layers:
-                    continue
-                qw = random_qweight(scheme, n, k, dtype, device)
-                for m in a.batches:
-                    cfg, us, info = tune_one(qw, m, a.replays)
-                    key = dispatch.table_key(m, qw, dtype)
-                    entries[json.dumps(key, sort_keys=True)] = {"key": key, "config": dataclasses.asdict(cfg),
-                                                                "us": us, **info}
-                    print(f"{scheme} {set_name}/{layer} M={m}: {us:.1f} us (heuristic {_text(info['heuristic_us'])}, "
-                          f"shipped {_text(info['shipped_us'])}, {info['tried']} tried) {cfg}", flush=True)
-                    _write_table(out, device, entries)  # after every entry: a run cut short keeps them
-                del qw
-                torch.cuda.empty_cache()
+        for set_name, layer, k, n in layers:
+            qw = random_qweight(scheme, n, k, dtype, device)
+            for m in a.batches:
+                bar.set_postfix_str(f"{scheme} {set_name}/{layer} M={m}")
+                cfg, us, info = tune_one(qw, m, a.replays)
+                key = dispatch.table_key(m, qw, dtype)
+                entries[json.dumps(key, sort_keys=True)] = {"key": key, "config": dataclasses.asdict(cfg),
+                                                            "us": us, **info}
+                tqdm.write(f"{scheme} {set_name}/{layer} M={m}: {us:.1f} us (heuristic {_text(info['heuristic_us'])}, "
+                           f"shipped {_text(info['shipped_us'])}, {info['tried']} tried) {cfg}")
+                _write_table(out, device, entries)  # after every entry: a run cut short keeps them
+                bar.update()
+            del qw
+            torch.cuda.empty_cache()
+    bar.close()
     print(f"wrote {out}")
     return 0
 
