@@ -211,6 +211,7 @@ def main(argv=None) -> int:
                                                             "us": us, **info}
                 tqdm.write(f"{scheme} {set_name}/{layer} M={m}: {us:.1f} us (heuristic {_text(info['heuristic_us'])}, "
                            f"shipped {_text(info['shipped_us'])}, {info['tried']} tried) {cfg}")
+                sys.stdout.flush()  # a run cut short by a time limit keeps its log lines too
                 _write_table(out, device, entries)  # after every entry: a run cut short keeps them
                 bar.update()
             del qw
