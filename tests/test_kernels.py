@@ -415,6 +415,16 @@ def test_retune_times_a_shipped_dequantize_once_and_never_descends_from_it(monke
     assert [c.path for c in first_pass].count("dequant") == 1 and first_pass[-1] == dequant
 
 
+def test_tuner_skips_register_caps_below_twice_the_accumulators():
+    from lowbit.kernels import tune
+
+    small = KernelConfig(block_n=128, block_m=16, num_warps=4, num_stages=3)  # 16 accumulators a thread
+    assert {c.maxnreg for c in tune._neighbours(small, 16, 64, False)} == {None, 64, 80}
+    wide = KernelConfig(block_n=64, block_m=64, num_warps=4, num_stages=3, maxnreg=80)  # 32 a thread
+    caps = {(c.maxnreg, c.block_n * c.block_m // (32 * c.num_warps)) for c in tune._neighbours(wide, 64, 64, False)}
+    assert (64, 32) not in caps and (80, 32) in caps and (80, 64) not in caps and (None, 32) in caps
+
+
 def test_tune_command_writes_an_entry_per_layer_and_batch_and_keeps_other_entries(monkeypatch, tmp_path, capsys):
     import json
 

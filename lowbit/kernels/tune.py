@@ -56,7 +56,19 @@ def _time(qws, x, cfg: KernelConfig, replays: int) -> float:
 
 
 def _neighbours(cfg: KernelConfig, m: int, k_tiles: int, merge_axis: bool):
-    """Configs one step from ``cfg`` along each axis (``merge_planes`` only where it changes the kernel)."""
+    """Configs one step from ``cfg`` along each axis (``merge_planes`` only where it changes the
+    kernel), but none with a register cap ptxas refuses."""
+    return (c for c in _steps(cfg, m, k_tiles, merge_axis) if _cap_fits(c))
+
+
+def _cap_fits(cfg: KernelConfig) -> bool:
+    """False for a register cap at most twice the tile's fp32 accumulators a thread: ptxas refused
+    every such config in session 11 (24 of 24, each after a second or more of compiling), and no
+    tuned entry is near one (the shipped caps hold 4-16 accumulators a thread under 64 or 80)."""
+    return cfg.maxnreg is None or cfg.block_n * cfg.block_m < 32 * cfg.num_warps * cfg.maxnreg // 2
+
+
+def _steps(cfg: KernelConfig, m: int, k_tiles: int, merge_axis: bool):
     def variant(**kw):
         return dataclasses.replace(cfg, **kw)
 
