@@ -370,18 +370,26 @@ def test_gpu_tuner_returns_a_measured_config_that_is_right():
                    reference(x, qw)) < 2e-3
 
 
-def test_retune_descends_from_the_shipped_config(monkeypatch):
-    import dataclasses
+@pytest.fixture
+def cpu_search(monkeypatch):
+    """``tune_one``'s search alone, on the CPU: a small weight, the GPU's SM count patched in and no
+    weight copies (the right-result check runs the CPU reference path); the test patches the timer."""
     from types import SimpleNamespace
 
     from lowbit.bench.common import random_qweight
     from lowbit.kernels import tune
 
-    # The search alone, on the CPU: a patched timer, the GPU's SM count and no weight copies (the
-    # right-result check runs the CPU reference path).
-    qw = random_qweight("int4-g128", 256, 512, torch.float32, "cpu")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
     monkeypatch.setattr(tune, "rotated_copies", lambda qw: [qw])
+    return random_qweight("int4-g128", 256, 512, torch.float32, "cpu")
+
+
+def test_retune_descends_from_the_shipped_config(monkeypatch, cpu_search):
+    import dataclasses
+
+    from lowbit.kernels import tune
+
+    qw = cpu_search
     shipped = KernelConfig(block_n=32, split_k=5, num_warps=2, num_stages=2)  # far from the heuristic
     beside = dataclasses.replace(shipped, num_stages=3)  # one step from shipped, none from the heuristic
     times = {shipped: 5.0, beside: 4.0}
@@ -391,15 +399,10 @@ def test_retune_descends_from_the_shipped_config(monkeypatch):
     assert cfg == beside and us == 4.0 and info["shipped_us"] == 5.0
 
 
-def test_retune_times_a_shipped_dequantize_once_and_never_descends_from_it(monkeypatch):
-    from types import SimpleNamespace
-
-    from lowbit.bench.common import random_qweight
+def test_retune_times_a_shipped_dequantize_once_and_never_descends_from_it(monkeypatch, cpu_search):
     from lowbit.kernels import tune
 
-    qw = random_qweight("int4-g128", 256, 512, torch.float32, "cpu")
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
-    monkeypatch.setattr(tune, "rotated_copies", lambda qw: [qw])
+    qw = cpu_search
     dequant = KernelConfig(path="dequant")
     monkeypatch.setattr(dispatch, "choose_config", lambda *args, **kwargs: dequant)
     timed = []
