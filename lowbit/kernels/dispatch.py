@@ -25,6 +25,7 @@ import triton.language as tl
 from .. import pack as _pack
 from ..qweight import QuantizedWeight
 from ..scheme import Scheme
+from . import sparse_cuda
 from .decoders import e4m3_fp16_asm, int4_words_asm, int8_fp16_asm, planes_asm, sparse_asm_supported
 from .triton_matmul import lowbit_dequant_kernel, lowbit_matmul_kernel
 
@@ -363,6 +364,10 @@ def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, forc
     if qw.perm is not None:
         x = x.index_select(1, qw.perm)
     x = x.contiguous()
+    if qw.scheme.sparsity and config is None and not force_triton:  # the sparse tensor cores, where they apply
+        y = sparse_cuda.try_matmul(x, qw, bias)
+        if y is not None:
+            return y
     cfg = config or choose_config(x.shape[0], qw, x.device, x.dtype)
     if cfg.path == "dequant" and force_triton:  # the fused kernel at its prefill tiles (slow where they spill)
         cfg = PREFILL_FUSED

@@ -1,0 +1,177 @@
+"""The 2:4 CUDA kernel (``lowbit/kernels/sparse24_mma.cu``): its data layout on the CPU, the kernel on a GPU.
+
+On the CPU, :func:`emulate` follows the kernel's indexing step by step (values read in place from the
+packed layout, the metadata of :func:`sparse_cuda.mma_metadata`, activations in shared-memory fragment
+order) through the PTX ISA's register layout of ``mma.sp.m16n8k32``, and must give the exact product.
+The ``gpu`` tests run the kernel itself against the reference.
+"""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import pack
+from lowbit.bench.common import random_qweight
+from lowbit.kernels import dispatch, sparse_cuda
+from lowbit.kernels.sparse_cuda import SparseConfig
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def fragment_word(n: int, kp: int) -> int:
+    """The kernel's ``fragment_word``: the shared-memory word of token ``n``'s dense pair ``kp``."""
+    group, half = kp >> 1, kp & 1
+    h, hi, cq, u = group >> 5, (group >> 4) & 1, (group >> 2) & 3, group & 3
+    chunk = cq + 4 * hi
+    return (((h * 4 + u) * 32 + (n & 7) * 4 + 2 * (chunk & 1) + half) * 4 + (chunk >> 1))
+
+
+def emulate(x: torch.Tensor, qw, meta: torch.Tensor) -> torch.Tensor:
+    """float64 ``x @ W.T`` computed the way the kernel computes it (one warp per 16-row block)."""
+    m, k = x.shape
+    n = qw.out_features
+    tiles = meta.shape[1] // 128
+    pairs = qw.packed[0].view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # [blocks, tiles * 256] word pairs
+    regs = meta.to(torch.int64) & 0xFFFFFFFF
+    scales = qw.scale_values().double()
+    xp = torch.zeros(8, tiles * 256, dtype=torch.float64)
+    xp[:m, :k] = x.double()
+    # the tile's activations in fragment order, then read back as the instruction's B operand:
+    # lane (g, tig) register i holds k = 8i + 2 tig + (0, 1) of token g
+    order = torch.empty(8 * 128, dtype=torch.int64)
+    for tok in range(8):
+        for kp in range(128):
+            order[fragment_word(tok, kp)] = tok * 128 + kp
+    out = torch.zeros(m, pack.row_blocks(n) * 16, dtype=torch.float64)
+    for block in range(pairs.shape[0]):
+        for t in range(tiles):
+            words = pairs[block, t * 256:(t + 1) * 256].view(16, 16)  # [row, pair]
+            lane_regs = regs[block, t * 128:(t + 1) * 128].view(32, 4)
+            frag = xp[:, t * 256:(t + 1) * 256].reshape(8 * 128, 2)[order].view(8, 32, 4, 2)  # [step, lane, reg, e]
+            for h in range(2):
+                part = torch.zeros(16, 8, dtype=torch.float64)
+                for u in range(4):
+                    b = torch.empty(32, 8, dtype=torch.float64)  # [k of the step, token]
+                    for g in range(8):
+                        for tig in range(4):
+                            for i in range(4):
+                                b[8 * i + 2 * tig:8 * i + 2 * tig + 2, g] = frag[h * 4 + u, 4 * g + tig, i]
+                    for r in range(16):
+                        for c in range(8):
+                            # metadata (PTX ISA, m16n8k32 .f16): lanes 2*sel, 2*sel+1 of each quad; row r % 8's
+                            # quad; chunks 0-3 / 4-7 in the even / odd lane; rows < 8 in bits 0-15, rows >= 8 above
+                            lane = 4 * (r % 8) + 2 * h + c // 4
+                            nib = int(lane_regs[lane, u] >> (4 * (c % 4) + 16 * (r // 8))) & 15
+                            # A: lane (r % 8, c % 4) holds chunk c of row r; the kernel decodes it from pair
+                            # 4 tig + u of row r, nibble 2h + c // 4
+                            word = int(words[r, 4 * (c % 4) + u])
+                            j = 2 * h + c // 4
+                            v0, v1 = ((word >> 4 * j) & 15) - 8, ((word >> (16 + 4 * j)) & 15) - 8
+                            part[r] += v0 * b[4 * c + (nib & 3)] + v1 * b[4 * c + (nib >> 2)]
+                rows = torch.arange(block * 16, block * 16 + 16).clamp(max=n - 1)
+                q = min((t * 256 + 128 * h) // max(qw.scheme.group_size, 1), qw.num_groups - 1)
+                scale = scales[0 if qw.scheme.per_channel else q, rows]
+                out[:, block * 16:block * 16 + 16] += (part * scale[:, None]).T[:m]
+    return out[:, :n]
+
+
+@pytest.mark.parametrize("scheme,n,k", [("int4-g128-2:4", 20, 328), ("int4-channel-2:4", 16, 256),
+                                        ("int4-g256-2:4", 33, 520)])
+def test_emulated_kernel_is_the_exact_product(scheme, n, k):
+    """Rows past a 16-row block, K past a 256-input tile and every group kind go through the same
+    index arithmetic as the kernel, and give x @ dequantize().T."""
+    qw = random_qweight(scheme, n, k, torch.float16, "cpu")
+    x = torch.randn(5, k, dtype=torch.float16)
+    got = emulate(x, qw, sparse_cuda.mma_metadata(qw))
+    want = x.double() @ qw.dequantize(torch.float32).double().T
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)  # (dequantize rounds w * scale to float32)
+
+
+def test_metadata_nibbles_are_each_groups_positions():
+    qw = random_qweight("int4-g128-2:4", 16, 256, torch.float16, "cpu")
+    meta = sparse_cuda.mma_metadata(qw)
+    assert meta.shape == (1, 128) and meta.dtype == torch.int32
+    nib = (meta.to(torch.int64).view(32, 4, 1) >> (4 * torch.arange(8))) & 15
+    assert not ((nib & 3) >= (nib >> 2)).any(), "every nibble is an ascending pair p0 < p1"
+    # lane 0 (g 0, tig 0), register 0: step (h 0, u 0), chunks 0-3 = groups 0, 4, 8, 12 of rows 0 (low half) and 8
+    _, positions = lowbit.sparsity.split_codes(qw.codes())
+    for slot, (row, group) in enumerate([(0, 0), (0, 4), (0, 8), (0, 12), (8, 0), (8, 4), (8, 8), (8, 12)]):
+        p0, p1 = positions[row, 2 * group].item(), positions[row, 2 * group + 1].item()
+        assert nib[0, 0, slot].item() == p0 | p1 << 2
+
+
+@pytest.mark.parametrize("scheme,dtype,k,ok", [
+    ("int4-g128-2:4", torch.float16, 256, True), ("int4-channel-2:4", torch.bfloat16, 256, True),
+    ("int4-g64-2:4", torch.float16, 256, False), ("int4-g128-asym-2:4", torch.float16, 256, False),
+    ("int8-channel-2:4", torch.float16, 256, False), ("fp6_e3m2-channel-2:4", torch.float16, 256, False),
+    ("int4-g128", torch.float16, 256, False), ("int4-g128-2:4", torch.float16, 260, False),
+    ("int4-g128-2:4", torch.float32, 256, False)])
+def test_supports_names_the_kernels_scope(scheme, dtype, k, ok):
+    qw = random_qweight(scheme, 16, k, torch.float16, "cpu")
+    assert sparse_cuda.supports(qw, dtype) is ok
+
+
+def test_group_scales_of_another_dtype_than_the_activations_are_not_supported():
+    qw = random_qweight("int4-g128-2:4", 16, 256, torch.float16, "cpu")
+    assert not sparse_cuda.supports(qw, torch.bfloat16)
+
+
+@pytest.mark.parametrize("m,want", [(1, 1), (8, 1), (9, 2), (16, 2), (17, 4), (33, 8), (64, 8), (128, 8)])
+def test_heuristic_token_blocks_cover_the_batch(m, want):
+    assert sparse_cuda.heuristic_config(m, 8192, 8192, 132).token_blocks == want
+
+
+def test_config_rejects_unsupported_values():
+    with pytest.raises(ValueError, match="token_blocks"):
+        SparseConfig(token_blocks=3)
+    with pytest.raises(ValueError, match="warps 4 or 8"):
+        SparseConfig(warps=2)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("scheme", ["int4-g128-2:4", "int4-channel-2:4", "int4-g256-2:4"])
+@pytest.mark.parametrize("cfg", [None, SparseConfig(1, 4, 1), SparseConfig(2, 8, 3), SparseConfig(8, 4, 7),
+                                 SparseConfig(4, 8, 16)], ids=lambda c: "heuristic" if c is None else
+                         f"mt{c.token_blocks}w{c.warps}s{c.split_k}")
+def test_gpu_sparse_kernel_matches_reference_poisoned(scheme, dtype, cfg):
+    n, k = 1000, 2216  # N not a multiple of 16 rows x 4 warps, K not of 256
+    qw = lowbit.quantize(torch.randn(n, k, dtype=dtype, device="cuda"), scheme)
+    bias = torch.randn(n, dtype=dtype, device="cuda")
+    ref_w = qw.dequantize(torch.float32)
+    for m in (1, 3, 8, 13, 16, 31, 64, 100, 128):
+        x = torch.randn(m, k, dtype=dtype, device="cuda")
+        out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+        y = sparse_cuda.matmul(x, qw, bias, cfg, out=out)
+        assert torch.isfinite(y).all(), f"M={m}: unwritten elements"
+        ref = x.float() @ ref_w.T + bias.float()
+        err = float((y.float() - ref).norm() / ref.norm())
+        assert err < (2e-3 if dtype == torch.float16 else 1e-2), f"M={m}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+def test_gpu_dispatch_runs_the_sparse_kernel_and_replays_in_a_graph():
+    qw = lowbit.quantize(torch.randn(3000, 2048, dtype=torch.float16, device="cuda"), "int4-g128-2:4")
+    x = torch.randn(16, 2048, dtype=torch.float16, device="cuda")
+    assert sparse_cuda.try_matmul(x, qw, None) is not None, "the CUDA kernel is available on a GPU machine"
+    eager = dispatch.matmul(x, qw, None)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = dispatch.matmul(x, qw, None)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = x.float() @ qw.dequantize(torch.float32).T
+    assert float((y.float() - ref).norm() / ref.norm()) < 2e-3
+    assert not torch.equal(y, eager)
+
+
+@pytest.mark.gpu
+def test_gpu_sparse_kernel_is_deterministic_with_split_k():
+    qw = lowbit.quantize(torch.randn(4096, 4096, dtype=torch.float16, device="cuda"), "int4-g128-2:4")
+    x = torch.randn(16, 4096, dtype=torch.float16, device="cuda")
+    cfg = SparseConfig(2, 4, 8)
+    first = sparse_cuda.matmul(x, qw, None, cfg)
+    for _ in range(20):
+        assert torch.equal(sparse_cuda.matmul(x, qw, None, cfg), first)
