@@ -24,11 +24,11 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import pack as _pack
 from .. import sparsity as _sparsity
@@ -86,7 +86,7 @@ def _slot_map() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return row.expand(32, 4, 8), group.expand(32, 4, 8), (4 * slot).expand(32, 4, 8)
 
 
-_METADATA: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_METADATA = WeakIdKeyDictionary()  # positions tensor -> (its version, metadata)
 
 
 def mma_metadata(qw: QuantizedWeight) -> torch.Tensor:
@@ -116,7 +116,7 @@ def _cached_metadata(qw: QuantizedWeight) -> torch.Tensor | None:
     hit = _METADATA.get(key)
     if hit is not None and hit[0] == key._version:
         return hit[1]
-    if torch.cuda.is_current_stream_capturing():
+    if key.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     meta = mma_metadata(qw)
     _METADATA[key] = (key._version, meta)
