@@ -1,11 +1,9 @@
 """Probe of the 2:4 CUDA kernel (lowbit/kernels/sparse24_mma.cu) on the 70B layer set.
 
-1. Correctness against the exact reference (fp16 and bf16, group and per-channel scales). Where it
-   fails, the other reading of the PTX metadata layout (row g+8 in the odd lane of each pair, all 8
-   chunks in one register) is tried too, and the one that is right is printed.
+1. Correctness against the exact reference (fp16 and bf16, group and per-channel scales); stops if wrong.
 2. Per layer and batch: cuBLAS fp16, dense int4-g128, the Triton 2:4 kernel and the CUDA kernel at
-   its heuristic and at neighbouring configs (split-K x0.5 / x2, 8 warps, twice the token blocks),
-   each CUDA-graph replayed over rotated weight copies. JSON to --json.
+   its heuristic and at neighbouring configs (split-K x0.5 / x2, other row blocks a warp), each
+   CUDA-graph replayed over rotated weight copies. JSON to --json.
 
     PYTHONPATH=. python bench/sparse_cuda_probe.py --json out/probe.json
 """
@@ -39,24 +37,11 @@ def check(label: str) -> list[str]:
     return bad
 
 
-def other_slot_map():
-    """Alternative reading: the even lane of a pair holds row g (8 chunks), the odd lane row g + 8."""
-    lane = torch.arange(32).view(32, 1, 1)
-    u = torch.arange(4).view(1, 4, 1)
-    slot = torch.arange(8).view(1, 1, 8)
-    g, tig = lane >> 2, lane & 3
-    h, odd = tig >> 1, tig & 1
-    chunk = slot
-    row = g + 8 * odd
-    group = 4 * (chunk % 4) + u + 32 * h + 16 * (chunk // 4)
-    return row.expand(32, 4, 8), group.expand(32, 4, 8), (4 * slot).expand(32, 4, 8)
-
-
-def neighbours(cfg: SparseConfig, m: int) -> list[SparseConfig]:
-    out = [cfg, dataclasses.replace(cfg, split_k=max(1, cfg.split_k // 2)), dataclasses.replace(cfg, split_k=cfg.split_k * 2),
-           dataclasses.replace(cfg, warps=8)]
-    if cfg.token_blocks < 8 and 8 * cfg.token_blocks < m + 8:
-        out.append(dataclasses.replace(cfg, token_blocks=2 * cfg.token_blocks))
+def neighbours(cfg: SparseConfig) -> list[SparseConfig]:
+    """The heuristic, split-K x0.5 / x2, and the other instantiated row blocks a warp."""
+    out = [cfg, dataclasses.replace(cfg, split_k=max(1, cfg.split_k // 2)), dataclasses.replace(cfg, split_k=cfg.split_k * 2)]
+    out += [dataclasses.replace(cfg, row_blocks=r, split_k=max(1, cfg.split_k * cfg.row_blocks // r)) for r in (1, 2, 4)
+            if (cfg.token_blocks, r) in sparse_cuda.INSTANCES]
     return list(dict.fromkeys(out))
 
 
@@ -65,12 +50,9 @@ def main():
     p.add_argument("--json", required=True)
     p.add_argument("--batches", default="1,8,16,32,64,128")
     a = p.parse_args()
-    result = {"meta": run_metadata("cuda"), "layout": "rows-in-halves", "rows": []}
-    if check("metadata: rows g / g+8 in halves, chunk halves in lane pairs"):
-        sparse_cuda._slot_map = other_slot_map
-        sparse_cuda._METADATA.clear()
-        result["layout"] = "rows-in-lane-pairs" if not check("metadata: rows in lane pairs") else "neither"
-    if result["layout"] == "neither":
+    result = {"meta": run_metadata("cuda"), "rows": []}
+    result["wrong"] = check("heuristic configs")
+    if result["wrong"]:
         json.dump(result, open(a.json, "w"), indent=1)
         return
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -88,13 +70,13 @@ def main():
             row["triton_24_us"] = graph_time_us([lambda q=q: dispatch.matmul(x, q, None, config=tcfg) for q in sparse])
             heur = sparse_cuda.heuristic_config(m, n, k, sms)
             row["cuda_24"] = []
-            for cfg in neighbours(heur, m):
+            for cfg in neighbours(heur):
                 us = graph_time_us([lambda q=q: sparse_cuda.matmul(x, q, None, cfg) for q in sparse])
                 row["cuda_24"].append({**dataclasses.asdict(cfg), "us": us})
             best = min(row["cuda_24"], key=lambda r: r["us"])
             print(f"{name:8s} M={m:4d} cuBLAS {row['cublas_us']:7.1f}  int4 {row['int4_dense_us']:7.1f}  "
                   f"triton2:4 {row['triton_24_us']:7.1f}  cuda2:4 heur {row['cuda_24'][0]['us']:7.1f} best {best['us']:7.1f} "
-                  f"({best['token_blocks']},{best['warps']},{best['split_k']})", flush=True)
+                  f"({best['token_blocks']},{best['row_blocks']},{best['split_k']})", flush=True)
             result["rows"].append(row)
         del dense, sparse, ws, w0
         torch.cuda.empty_cache()

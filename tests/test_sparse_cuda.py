@@ -18,16 +18,21 @@ from lowbit.kernels.sparse_cuda import SparseConfig
 HAS_CUDA = torch.cuda.is_available()
 
 
-def fragment_word(n: int, kp: int) -> int:
-    """The kernel's ``fragment_word``: the shared-memory word of token ``n``'s dense pair ``kp``."""
-    group, half = kp >> 1, kp & 1
+def group_offset(n: int, group: int) -> int:
+    """The kernel's ``group_offset``: byte offset (in a token block's 4 KB) of a tile's group of four
+    inputs of token ``n``: step (h, u) row of 64 bytes, chunk slot xor-swizzled by the token."""
     h, hi, cq, u = group >> 5, (group >> 4) & 1, (group >> 2) & 3, group & 3
     chunk = cq + 4 * hi
-    return (((h * 4 + u) * 32 + (n & 7) * 4 + 2 * (chunk & 1) + half) * 4 + (chunk >> 1))
+    return (h * 4 + u) * 512 + swizzled(n & 7, chunk >> 1) + 8 * (chunk & 1)
+
+
+def swizzled(n: int, slot: int) -> int:
+    return n * 64 + ((slot ^ ((n >> 1) & 3)) << 4)
 
 
 def emulate(x: torch.Tensor, qw, meta: torch.Tensor) -> torch.Tensor:
-    """float64 ``x @ W.T`` computed the way the kernel computes it (one warp per 16-row block)."""
+    """float64 ``x @ W.T`` computed the way the kernel computes it (per 16-row block; group scales
+    applied per half tile, as the kernel's scaled weights give in exact arithmetic)."""
     m, k = x.shape
     n = qw.out_features
     tiles = meta.shape[1] // 128
@@ -36,26 +41,26 @@ def emulate(x: torch.Tensor, qw, meta: torch.Tensor) -> torch.Tensor:
     scales = qw.scale_values().double()
     xp = torch.zeros(8, tiles * 256, dtype=torch.float64)
     xp[:m, :k] = x.double()
-    # the tile's activations in fragment order, then read back as the instruction's B operand:
-    # lane (g, tig) register i holds k = 8i + 2 tig + (0, 1) of token g
-    order = torch.empty(8 * 128, dtype=torch.int64)
-    for tok in range(8):
-        for kp in range(128):
-            order[fragment_word(tok, kp)] = tok * 128 + kp
     out = torch.zeros(m, pack.row_blocks(n) * 16, dtype=torch.float64)
     for block in range(pairs.shape[0]):
         for t in range(tiles):
             words = pairs[block, t * 256:(t + 1) * 256].view(16, 16)  # [row, pair]
             lane_regs = regs[block, t * 128:(t + 1) * 128].view(32, 4)
-            frag = xp[:, t * 256:(t + 1) * 256].reshape(8 * 128, 2)[order].view(8, 32, 4, 2)  # [step, lane, reg, e]
+            smem = torch.zeros(4096 // 2, dtype=torch.float64)  # a token block's stage, in 2-byte elements
+            for tok in range(8):
+                for group in range(64):
+                    at = group_offset(tok, group) // 2
+                    smem[at:at + 4] = xp[tok, t * 256 + 4 * group:t * 256 + 4 * group + 4]
             for h in range(2):
                 part = torch.zeros(16, 8, dtype=torch.float64)
                 for u in range(4):
+                    # B by ldmatrix.x4: lane 8i + n gives row n of matrix i (swizzled(n, i)); lane (g, tig)
+                    # register i gets that row's elements 2 tig, 2 tig + 1 as k = 8i + 2 tig + (0, 1) of token g
                     b = torch.empty(32, 8, dtype=torch.float64)  # [k of the step, token]
                     for g in range(8):
-                        for tig in range(4):
-                            for i in range(4):
-                                b[8 * i + 2 * tig:8 * i + 2 * tig + 2, g] = frag[h * 4 + u, 4 * g + tig, i]
+                        for i in range(4):
+                            at = ((h * 4 + u) * 512 + swizzled(g, i)) // 2
+                            b[8 * i:8 * i + 8, g] = smem[at:at + 8]
                     for r in range(16):
                         for c in range(8):
                             # metadata (PTX ISA, m16n8k32 .f16): lanes 2*sel, 2*sel+1 of each quad; row r % 8's
@@ -118,23 +123,24 @@ def test_group_scales_of_another_dtype_than_the_activations_are_not_supported():
 
 @pytest.mark.parametrize("m,want", [(1, 1), (8, 1), (9, 2), (16, 2), (17, 4), (33, 8), (64, 8), (128, 8)])
 def test_heuristic_token_blocks_cover_the_batch(m, want):
-    assert sparse_cuda.heuristic_config(m, 8192, 8192, 132).token_blocks == want
+    cfg = sparse_cuda.heuristic_config(m, 8192, 8192, 132)
+    assert cfg.token_blocks == want and (cfg.token_blocks, cfg.row_blocks) in sparse_cuda.INSTANCES
 
 
 def test_config_rejects_unsupported_values():
     with pytest.raises(ValueError, match="token_blocks"):
         SparseConfig(token_blocks=3)
-    with pytest.raises(ValueError, match="warps 4 or 8"):
-        SparseConfig(warps=2)
+    with pytest.raises(ValueError, match="row_blocks"):
+        SparseConfig(token_blocks=8, row_blocks=4)  # 32 accumulator tiles a warp: not instantiated
 
 
 # ---------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("scheme", ["int4-g128-2:4", "int4-channel-2:4", "int4-g256-2:4"])
-@pytest.mark.parametrize("cfg", [None, SparseConfig(1, 4, 1), SparseConfig(2, 8, 3), SparseConfig(8, 4, 7),
-                                 SparseConfig(4, 8, 16)], ids=lambda c: "heuristic" if c is None else
-                         f"mt{c.token_blocks}w{c.warps}s{c.split_k}")
+@pytest.mark.parametrize("cfg", [None, SparseConfig(1, 1, 1), SparseConfig(2, 4, 3), SparseConfig(8, 2, 7),
+                                 SparseConfig(4, 2, 16), SparseConfig(1, 4, 5)],
+                         ids=lambda c: "heuristic" if c is None else f"mt{c.token_blocks}r{c.row_blocks}s{c.split_k}")
 def test_gpu_sparse_kernel_matches_reference_poisoned(scheme, dtype, cfg):
     n, k = 1000, 2216  # N not a multiple of 16 rows x 4 warps, K not of 256
     qw = lowbit.quantize(torch.randn(n, k, dtype=dtype, device="cuda"), scheme)
@@ -171,7 +177,7 @@ def test_gpu_dispatch_runs_the_sparse_kernel_and_replays_in_a_graph():
 def test_gpu_sparse_kernel_is_deterministic_with_split_k():
     qw = lowbit.quantize(torch.randn(4096, 4096, dtype=torch.float16, device="cuda"), "int4-g128-2:4")
     x = torch.randn(16, 4096, dtype=torch.float16, device="cuda")
-    cfg = SparseConfig(2, 4, 8)
+    cfg = SparseConfig(2, 2, 8)
     first = sparse_cuda.matmul(x, qw, None, cfg)
     for _ in range(20):
         assert torch.equal(sparse_cuda.matmul(x, qw, None, cfg), first)

@@ -12,14 +12,16 @@
 // the tile's eight steps (h, u): in step (h, u), chunk c < 4 of the instruction is group
 // 4c + u + 32h and chunk 4 + c is group 4c + u + 32h + 16, so each lane owns exactly the chunks its
 // A fragment holds (tig and 4 + tig) and decodes them with one shift, one LOP3 and one subtraction
-// per pair. The chunk -> group map is undone on the activations: they are copied to shared memory
-// in fragment order (cp.async, 4 bytes each), so a lane reads its B fragment of a step with one
-// 16-byte load. The position metadata is a separate tensor already in register order
-// (lowbit/kernels/sparse_cuda.py: mma_metadata): lanes with tig>>1 == h feed steps of half h.
+// per pair. The chunk -> group map is undone on the activations: each group of four inputs is
+// copied (8-byte cp.async) to its step's [token][chunk] row in shared memory (xor-swizzled), and one
+// ldmatrix.x4 a step gives a lane its B fragment. The position metadata is a separate tensor
+// already in register order (lowbit/kernels/sparse_cuda.py: mma_metadata): lanes with tig>>1 == h
+// feed steps of half h. Each warp takes R 16-row blocks, which share every B fragment.
 //
-// Group scales multiply the fp32 partial of each half tile (128 dense k, one group). Split-K over
-// blockIdx.y is reduced deterministically: every split writes an fp32 partial, the last to arrive
-// sums them in split order, writes the output and resets its counter (as the Triton kernel does).
+// Group scales multiply the decoded weights (one group a half tile); per-channel scales the fp32
+// result. Split-K over blockIdx.y is reduced deterministically: every split writes an fp32 partial,
+// the last to arrive sums them in split order, writes the output and resets its counter (as the
+// Triton kernel does).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -38,6 +40,14 @@ struct Act<false> {
     __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
     return *reinterpret_cast<uint32_t*>(&r);
   }
+  __device__ static uint32_t mul(uint32_t a, uint32_t b) {
+    __half2 r = __hmul2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static uint32_t pair(T v) {
+    __half2 r = __half2half2(v);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
   __device__ static T from_float(float f) { return __float2half_rn(f); }
   __device__ static float to_float(T v) { return __half2float(v); }
 };
@@ -49,6 +59,14 @@ struct Act<true> {
   static constexpr uint32_t MAGIC_OFFSET = 0x43084308u;  // 136 = 128 + 8
   __device__ static uint32_t sub(uint32_t a, uint32_t b) {
     __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static uint32_t mul(uint32_t a, uint32_t b) {
+    __nv_bfloat162 r = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static uint32_t pair(T v) {
+    __nv_bfloat162 r = __bfloat162bfloat162(v);
     return *reinterpret_cast<uint32_t*>(&r);
   }
   __device__ static T from_float(float f) { return __float2bfloat16_rn(f); }
@@ -78,30 +96,39 @@ __device__ __forceinline__ void mma_sp(float (&d)[4], const uint32_t (&a)[4], co
   }
 }
 
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(valid ? 8 : 0));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint4& b, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(b.x), "=r"(b.y), "=r"(b.z), "=r"(b.w)
+               : "r"(addr));
 }
 
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// Shared-memory word (32-bit, within one token block's 8 steps x 32 lanes x 4 registers) that
-// receives dense pair kp (dense k 2kp, 2kp+1 of the tile) of token n % 8.
-__device__ __forceinline__ int fragment_word(int n, int kp) {
-  const int group = kp >> 1, half = kp & 1;
+// Shared memory, per stage and block of 8 tokens: 8 steps x 8 tokens x 64 bytes (the step's 8
+// chunks of 4 inputs); 16-byte slot i (chunks 2i, 2i+1) of token n's row is stored at slot
+// i ^ ((n >> 1) & 3), so the 8 rows an ldmatrix phase reads fall in distinct banks.
+constexpr int TILE_DENSE_K = 256;
+constexpr int ROW_BYTES = 64;
+constexpr int STEP_BYTES = 8 * ROW_BYTES;
+constexpr int BLOCK_BYTES = 8 * STEP_BYTES;
+
+__device__ __forceinline__ int swizzled(int n, int slot) { return n * ROW_BYTES + ((slot ^ ((n >> 1) & 3)) << 4); }
+
+// Byte offset (within a token block) of group `group` (0..63) of the tile for token n % 8.
+__device__ __forceinline__ int group_offset(int n, int group) {
   const int h = group >> 5, hi = (group >> 4) & 1, cq = (group >> 2) & 3, u = group & 3;
   const int chunk = cq + 4 * hi;  // the instruction's chunk (4 k) that holds this group in step (h, u)
-  const int reg = chunk >> 1, tig = 2 * (chunk & 1) + half;
-  return (((h * 4 + u) * 32 + (n & 7) * 4 + tig) * 4 + reg);
+  return (h * 4 + u) * STEP_BYTES + swizzled(n & 7, chunk >> 1) + 8 * (chunk & 1);
 }
 
-constexpr int TILE_DENSE_K = 256;
-constexpr int STEP_WORDS = 32 * 4;         // one step's B fragments of 8 tokens, in 32-bit words
-constexpr int BLOCK_WORDS = 8 * STEP_WORDS;  // a tile's B fragments of 8 tokens (8 steps)
-
-template <bool BF16, int MT, int WARPS, bool CHANNEL>
-__device__ __forceinline__ void sparse24_int4(const uint32_t* __restrict__ x, const uint4* __restrict__ values,
+template <bool BF16, int MT, int R, bool CHANNEL>
+__device__ __forceinline__ void sparse24_int4(const uint2* __restrict__ x, const uint4* __restrict__ values,
                                               long long values_stride, const uint4* __restrict__ meta,
                                               long long meta_stride, const void* __restrict__ scales,
                                               const void* __restrict__ bias, void* __restrict__ out,
@@ -110,67 +137,78 @@ __device__ __forceinline__ void sparse24_int4(const uint32_t* __restrict__ x, co
                                               int groups, int row_blocks) {
   using A = Act<BF16>;
   using T = typename A::T;
+  constexpr int WARPS = 4;
   constexpr int THREADS = WARPS * 32;
   constexpr int TOKENS = 8 * MT;
-  constexpr int STAGE_WORDS = MT * BLOCK_WORDS;
-  static_assert(THREADS % 128 == 0, "one thread per dense pair of a token's tile row: 128 pairs");
+  constexpr int STAGE_BYTES = MT * BLOCK_BYTES;
   extern __shared__ uint4 smem[];
-  uint32_t* words = reinterpret_cast<uint32_t*>(smem);
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tig = lane & 3;
-  const int rb = blockIdx.x * WARPS + warp;
-  const int n0 = rb * 16;
-  const int rb_load = rb < row_blocks ? rb : row_blocks - 1;  // warps past N load real rows, store nothing
+  const int rb0 = (blockIdx.x * WARPS + warp) * R;  // this warp's first 16-row block
   const int tok0 = blockIdx.z * TOKENS;
   const int tokens = min(TOKENS, M - tok0);
   const int t_begin = blockIdx.y * tiles_per_split;
   const int t_end = min(t_begin + tiles_per_split, tiles);
 
   // Tokens past M stay zero in both stages; real tokens are rewritten every tile.
-  for (int i = threadIdx.x; i < 2 * STAGE_WORDS; i += THREADS) {
-    const int w = i % STAGE_WORDS;
-    const int n = (w / BLOCK_WORDS) * 8 + ((w % STEP_WORDS) / 4) / 4;
-    if (n >= tokens) words[i] = 0;
+  for (int i = threadIdx.x; i < 2 * STAGE_BYTES / 16; i += THREADS) {
+    const int row = (i * 16 % STAGE_BYTES) / ROW_BYTES;  // (block, step, token) of a 64-byte row
+    if ((row >> 6) * 8 + (row & 7) >= tokens) smem[i] = make_uint4(0, 0, 0, 0);
   }
-  const int kp = threadIdx.x % 128;
-  const int frag = fragment_word(0, kp);
+  const int group = threadIdx.x % 64;
   auto stage = [&](int t, int buf) {
-    const int k = t * TILE_DENSE_K + 2 * kp;
+    const int k = t * TILE_DENSE_K + 4 * group;
     const bool in_k = k < K;
-    for (int n = threadIdx.x / 128; n < tokens; n += THREADS / 128) {
-      const uint32_t* src = in_k ? x + ((static_cast<long long>(tok0 + n) * K + k) >> 1) : x;
-      const int dst = buf * STAGE_WORDS + (n >> 3) * BLOCK_WORDS + frag + (n & 7) * 16;
-      cp_async4(smem_base + 4 * dst, src, in_k);
+    for (int n = threadIdx.x / 64; n < tokens; n += THREADS / 64) {
+      const uint2* src = in_k ? x + ((static_cast<long long>(tok0 + n) * K + k) >> 2) : x;
+      cp_async8(smem_base + buf * STAGE_BYTES + (n >> 3) * BLOCK_BYTES + group_offset(n, group), src, in_k);
     }
     asm volatile("cp.async.commit_group;");
   };
+  const uint32_t frag_lane = smem_base + swizzled(lane & 7, lane >> 3);  // ldmatrix: lane l reads row l % 8 of matrix l / 8
 
-  const uint4* vrow = values + rb_load * values_stride + lane;
-  const uint4* mrow = meta + rb_load * meta_stride + lane;
-  const int row_lo = n0 + g, row_hi = n0 + g + 8;
-  auto load_scales = [&](int t, float (&s)[2][2]) {
+  const uint4* vrow[R];
+  const uint4* mrow[R];
+  int row_lo[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int rb = min(rb0 + r, row_blocks - 1);  // blocks past N load real rows, store nothing
+    vrow[r] = values + rb * values_stride + lane;
+    mrow[r] = meta + rb * meta_stride + lane;
+    row_lo[r] = (rb0 + r) * 16 + g;
+  }
+  // scale pairs (one value twice) of rows g and g + 8 of each block, both half tiles of tile t
+  auto load_scales = [&](int t, uint32_t (&s)[R][2][2]) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int q = min((t * TILE_DENSE_K + 128 * h) / group_size, groups - 1);
       const T* sc = reinterpret_cast<const T*>(scales) + static_cast<long long>(q) * N;
-      s[h][0] = row_lo < N ? A::to_float(sc[row_lo]) : 0.f;
-      s[h][1] = row_hi < N ? A::to_float(sc[row_hi]) : 0.f;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        s[r][h][0] = row_lo[r] < N ? A::pair(sc[row_lo[r]]) : 0u;
+        s[r][h][1] = row_lo[r] + 8 < N ? A::pair(sc[row_lo[r] + 8]) : 0u;
+      }
     }
   };
 
-  float acc[MT][4];
+  float acc[R][MT][4];
 #pragma unroll
-  for (int b = 0; b < MT; ++b)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[b][i] = 0.f;
+    for (int b = 0; b < MT; ++b)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][b][i] = 0.f;
 
-  uint4 v_lo, v_hi, m_cur;
-  float s_cur[2][2];
+  uint4 v_lo[R], v_hi[R], m_cur[R];
+  uint32_t s_cur[R][2][2];
   if (t_begin < t_end) {
-    v_lo = vrow[t_begin * 64];
-    v_hi = vrow[t_begin * 64 + 32];
-    m_cur = mrow[t_begin * 32];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      v_lo[r] = vrow[r][t_begin * 64];
+      v_hi[r] = vrow[r][t_begin * 64 + 32];
+      m_cur[r] = mrow[r][t_begin * 32];
+    }
     if constexpr (!CHANNEL) load_scales(t_begin, s_cur);
     stage(t_begin, 0);
   }
@@ -179,80 +217,88 @@ __device__ __forceinline__ void sparse24_int4(const uint32_t* __restrict__ x, co
 
   for (int t = t_begin; t < t_end; ++t) {
     const bool more = t + 1 < t_end;
-    uint4 v_lo_next, v_hi_next, m_next;
-    float s_next[2][2];
+    uint4 v_lo_next[R], v_hi_next[R], m_next[R];
+    uint32_t s_next[R][2][2];
     if (more) {
-      v_lo_next = vrow[(t + 1) * 64];
-      v_hi_next = vrow[(t + 1) * 64 + 32];
-      m_next = mrow[(t + 1) * 32];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        v_lo_next[r] = vrow[r][(t + 1) * 64];
+        v_hi_next[r] = vrow[r][(t + 1) * 64 + 32];
+        m_next[r] = mrow[r][(t + 1) * 32];
+      }
       if constexpr (!CHANNEL) load_scales(t + 1, s_next);
       stage(t + 1, (t + 1 - t_begin) & 1);
     }
-    const uint4* bfrag = smem + ((t - t_begin) & 1) * (STAGE_WORDS / 4) + lane;
+    const uint32_t frag = frag_lane + ((t - t_begin) & 1) * STAGE_BYTES;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float part[MT][4];
-#pragma unroll
-      for (int b = 0; b < MT; ++b)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) part[b][i] = 0.f;
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        const uint32_t lo = word_of(v_lo, u), hi = word_of(v_hi, u);
-        const uint32_t a[4] = {decode_pair<BF16>(lo, 8 * h), decode_pair<BF16>(hi, 8 * h),
-                               decode_pair<BF16>(lo, 8 * h + 4), decode_pair<BF16>(hi, 8 * h + 4)};
-        const uint32_t e = word_of(m_cur, u);
+        uint4 bf[MT];
 #pragma unroll
-        for (int b = 0; b < MT; ++b) {
-          const uint4 bf = bfrag[(b * BLOCK_WORDS + (h * 4 + u) * STEP_WORDS) / 4];
-          if (h == 0)
-            mma_sp<BF16, 0>(CHANNEL ? acc[b] : part[b], a, bf, e);
-          else
-            mma_sp<BF16, 1>(CHANNEL ? acc[b] : part[b], a, bf, e);
-        }
-      }
-      if constexpr (!CHANNEL) {
+        for (int b = 0; b < MT; ++b) ldmatrix_x4(bf[b], frag + b * BLOCK_BYTES + (h * 4 + u) * STEP_BYTES);
 #pragma unroll
-        for (int b = 0; b < MT; ++b) {
-          acc[b][0] = fmaf(part[b][0], s_cur[h][0], acc[b][0]);
-          acc[b][1] = fmaf(part[b][1], s_cur[h][0], acc[b][1]);
-          acc[b][2] = fmaf(part[b][2], s_cur[h][1], acc[b][2]);
-          acc[b][3] = fmaf(part[b][3], s_cur[h][1], acc[b][3]);
+        for (int r = 0; r < R; ++r) {
+          const uint32_t lo = word_of(v_lo[r], u), hi = word_of(v_hi[r], u);
+          uint32_t a[4] = {decode_pair<BF16>(lo, 8 * h), decode_pair<BF16>(hi, 8 * h),
+                           decode_pair<BF16>(lo, 8 * h + 4), decode_pair<BF16>(hi, 8 * h + 4)};
+          if constexpr (!CHANNEL) {
+            a[0] = A::mul(a[0], s_cur[r][h][0]);
+            a[1] = A::mul(a[1], s_cur[r][h][1]);
+            a[2] = A::mul(a[2], s_cur[r][h][0]);
+            a[3] = A::mul(a[3], s_cur[r][h][1]);
+          }
+          const uint32_t e = word_of(m_cur[r], u);
+#pragma unroll
+          for (int b = 0; b < MT; ++b) {
+            if (h == 0)
+              mma_sp<BF16, 0>(acc[r][b], a, bf[b], e);
+            else
+              mma_sp<BF16, 1>(acc[r][b], a, bf[b], e);
+          }
         }
       }
     }
     asm volatile("cp.async.wait_group 0;");
     __syncthreads();
     if (more) {
-      v_lo = v_lo_next;
-      v_hi = v_hi_next;
-      m_cur = m_next;
-      if constexpr (!CHANNEL) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) s_cur[h][0] = s_next[h][0], s_cur[h][1] = s_next[h][1];
+      for (int r = 0; r < R; ++r) {
+        v_lo[r] = v_lo_next[r];
+        v_hi[r] = v_hi_next[r];
+        m_cur[r] = m_next[r];
+        if constexpr (!CHANNEL) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) s_cur[r][h][0] = s_next[r][h][0], s_cur[r][h][1] = s_next[r][h][1];
+        }
       }
     }
   }
 
   if constexpr (CHANNEL) {  // float32 scales [1, N]
     const float* sc = reinterpret_cast<const float*>(scales);
-    const float lo = row_lo < N ? sc[row_lo] : 0.f, hi = row_hi < N ? sc[row_hi] : 0.f;
 #pragma unroll
-    for (int b = 0; b < MT; ++b) acc[b][0] *= lo, acc[b][1] *= lo, acc[b][2] *= hi, acc[b][3] *= hi;
+    for (int r = 0; r < R; ++r) {
+      const float lo = row_lo[r] < N ? sc[row_lo[r]] : 0.f, hi = row_lo[r] + 8 < N ? sc[row_lo[r] + 8] : 0.f;
+#pragma unroll
+      for (int b = 0; b < MT; ++b) acc[r][b][0] *= lo, acc[r][b][1] *= lo, acc[r][b][2] *= hi, acc[r][b][3] *= hi;
+    }
   }
 
-  // Element i of token block b: row (i < 2 ? row_lo : row_hi), token tok0 + 8b + 2 tig + (i & 1).
+  // Element i of block r, token block b: row row_lo[r] (+ 8 for i >= 2), token tok0 + 8b + 2 tig + (i & 1).
   T* o = reinterpret_cast<T*>(out);
   const T* bs = reinterpret_cast<const T*>(bias);
   const int split = gridDim.y;
   if (split > 1) {
 #pragma unroll
-    for (int b = 0; b < MT; ++b)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = i < 2 ? row_lo : row_hi, tok = tok0 + 8 * b + 2 * tig + (i & 1);
-        if (row < N && tok < M) partial[(static_cast<long long>(blockIdx.y) * M + tok) * N + row] = acc[b][i];
-      }
+      for (int b = 0; b < MT; ++b)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int row = row_lo[r] + (i >> 1) * 8, tok = tok0 + 8 * b + 2 * tig + (i & 1);
+          if (row < N && tok < M) partial[(static_cast<long long>(blockIdx.y) * M + tok) * N + row] = acc[r][b][i];
+        }
     __threadfence();
     __syncthreads();
     __shared__ int last;
@@ -262,50 +308,53 @@ __device__ __forceinline__ void sparse24_int4(const uint32_t* __restrict__ x, co
     if (!last) return;
     __threadfence();
 #pragma unroll
-    for (int b = 0; b < MT; ++b)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = i < 2 ? row_lo : row_hi, tok = tok0 + 8 * b + 2 * tig + (i & 1);
-        float sum = 0.f;
-        if (row < N && tok < M)
-          for (int s = 0; s < split; ++s) sum += __ldcg(partial + (static_cast<long long>(s) * M + tok) * N + row);
-        acc[b][i] = sum;
-      }
+      for (int b = 0; b < MT; ++b)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int row = row_lo[r] + (i >> 1) * 8, tok = tok0 + 8 * b + 2 * tig + (i & 1);
+          float sum = 0.f;
+          if (row < N && tok < M)
+            for (int s = 0; s < split; ++s) sum += __ldcg(partial + (static_cast<long long>(s) * M + tok) * N + row);
+          acc[r][b][i] = sum;
+        }
     if (threadIdx.x == 0) counters[tile] = 0;
   }
 #pragma unroll
-  for (int b = 0; b < MT; ++b)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = i < 2 ? row_lo : row_hi, tok = tok0 + 8 * b + 2 * tig + (i & 1);
-      if (row < N && tok < M)
-        o[static_cast<long long>(tok) * N + row] = A::from_float(acc[b][i] + (bs ? A::to_float(bs[row]) : 0.f));
-    }
+    for (int b = 0; b < MT; ++b)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = row_lo[r] + (i >> 1) * 8, tok = tok0 + 8 * b + 2 * tig + (i & 1);
+        if (row < N && tok < M)
+          o[static_cast<long long>(tok) * N + row] = A::from_float(acc[r][b][i] + (bs ? A::to_float(bs[row]) : 0.f));
+      }
 }
 
 }  // namespace
 
-// One entry point per (activation dtype, token blocks of 8, warps, per-channel scales):
-// sparse24_int4_<f16|bf16>_mt<MT>_w<WARPS>_<group|channel>.
-#define LOWBIT_SPARSE24(NAME, BF16, MT, WARPS, CHANNEL)                                                           \
-  extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                                                  \
-      const uint32_t* x, const uint4* values, long long values_stride, const uint4* meta, long long meta_stride, \
+// One entry point per (activation dtype, token blocks of 8, row blocks a warp, per-channel scales):
+// sparse24_int4_<f16|bf16>_mt<MT>_r<R>_<group|channel>; 4 warps a program.
+#define LOWBIT_SPARSE24(BF16, DT, MT, R, CHANNEL, KIND)                                                            \
+  extern "C" __global__ void __launch_bounds__(128) sparse24_int4_##DT##_mt##MT##_r##R##_##KIND(                  \
+      const uint2* x, const uint4* values, long long values_stride, const uint4* meta, long long meta_stride,     \
       const void* scales, const void* bias, void* out, float* partial, int* counters, int M, int N, int K,       \
       int tiles_per_split, int tiles, int group_size, int groups, int row_blocks) {                              \
-    sparse24_int4<BF16, MT, WARPS, CHANNEL>(x, values, values_stride, meta, meta_stride, scales, bias, out,       \
-                                            partial, counters, M, N, K, tiles_per_split, tiles, group_size,      \
-                                            groups, row_blocks);                                                 \
+    sparse24_int4<BF16, MT, R, CHANNEL>(x, values, values_stride, meta, meta_stride, scales, bias, out, partial, \
+                                        counters, M, N, K, tiles_per_split, tiles, group_size, groups,           \
+                                        row_blocks);                                                             \
   }
-#define LOWBIT_SPARSE24_MT(BF16, DT, WARPS, CHANNEL, KIND)                                 \
-  LOWBIT_SPARSE24(sparse24_int4_##DT##_mt1_w##WARPS##_##KIND, BF16, 1, WARPS, CHANNEL)     \
-  LOWBIT_SPARSE24(sparse24_int4_##DT##_mt2_w##WARPS##_##KIND, BF16, 2, WARPS, CHANNEL)     \
-  LOWBIT_SPARSE24(sparse24_int4_##DT##_mt4_w##WARPS##_##KIND, BF16, 4, WARPS, CHANNEL)     \
-  LOWBIT_SPARSE24(sparse24_int4_##DT##_mt8_w##WARPS##_##KIND, BF16, 8, WARPS, CHANNEL)
-#define LOWBIT_SPARSE24_ALL(BF16, DT)                  \
-  LOWBIT_SPARSE24_MT(BF16, DT, 4, false, group)        \
-  LOWBIT_SPARSE24_MT(BF16, DT, 8, false, group)        \
-  LOWBIT_SPARSE24_MT(BF16, DT, 4, true, channel)       \
-  LOWBIT_SPARSE24_MT(BF16, DT, 8, true, channel)
+#define LOWBIT_SPARSE24_KIND(BF16, DT, CHANNEL, KIND)                                                     \
+  LOWBIT_SPARSE24(BF16, DT, 1, 1, CHANNEL, KIND) LOWBIT_SPARSE24(BF16, DT, 1, 2, CHANNEL, KIND)           \
+  LOWBIT_SPARSE24(BF16, DT, 1, 4, CHANNEL, KIND) LOWBIT_SPARSE24(BF16, DT, 2, 1, CHANNEL, KIND)           \
+  LOWBIT_SPARSE24(BF16, DT, 2, 2, CHANNEL, KIND) LOWBIT_SPARSE24(BF16, DT, 2, 4, CHANNEL, KIND)           \
+  LOWBIT_SPARSE24(BF16, DT, 4, 1, CHANNEL, KIND) LOWBIT_SPARSE24(BF16, DT, 4, 2, CHANNEL, KIND)           \
+  LOWBIT_SPARSE24(BF16, DT, 4, 4, CHANNEL, KIND) LOWBIT_SPARSE24(BF16, DT, 8, 1, CHANNEL, KIND)           \
+  LOWBIT_SPARSE24(BF16, DT, 8, 2, CHANNEL, KIND)
 
-LOWBIT_SPARSE24_ALL(false, f16)
-LOWBIT_SPARSE24_ALL(true, bf16)
+LOWBIT_SPARSE24_KIND(false, f16, false, group)
+LOWBIT_SPARSE24_KIND(false, f16, true, channel)
+LOWBIT_SPARSE24_KIND(true, bf16, false, group)
+LOWBIT_SPARSE24_KIND(true, bf16, true, channel)

@@ -41,15 +41,20 @@ TILE_DENSE_K = 2 * _pack.TILE_K  # a stored k-tile of 128 kept values spans 256 
 MAX_TOKENS = 128  # past this, dequantize + cuBLAS (see dispatch)
 
 
+# (token blocks, row blocks a warp) the source instantiates: at most 16 accumulator tiles a warp
+INSTANCES = ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (2, 4), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2))
+
+
 @dataclass(frozen=True)
 class SparseConfig:
-    token_blocks: int = 1  # blocks of 8 tokens a program (1, 2, 4, 8)
-    warps: int = 4  # 16-row blocks a program (4 or 8)
+    token_blocks: int = 1  # blocks of 8 tokens a program
+    row_blocks: int = 1  # 16-row blocks a warp (4 warps a program), sharing each activation fragment
     split_k: int = 1
 
     def __post_init__(self):
-        if self.token_blocks not in (1, 2, 4, 8) or self.warps not in (4, 8) or self.split_k < 1:
-            raise ValueError(f"SparseConfig needs token_blocks in 1/2/4/8, warps 4 or 8, split_k >= 1, got {self}")
+        if (self.token_blocks, self.row_blocks) not in INSTANCES or self.split_k < 1:
+            raise ValueError(f"SparseConfig needs (token_blocks, row_blocks) in {INSTANCES} and split_k >= 1, "
+                             f"got {self}")
 
 
 def supports(qw: QuantizedWeight, dtype: torch.dtype) -> bool:
@@ -62,12 +67,14 @@ def supports(qw: QuantizedWeight, dtype: torch.dtype) -> bool:
 
 
 def heuristic_config(m: int, n: int, k: int, sms: int) -> SparseConfig:
-    """Token blocks to cover the batch (at most 8), 4 warps, split-K to about 8 programs per SM."""
+    """Token blocks to cover the batch (at most 8), 2 row blocks a warp (1 past 32 tokens), split-K to
+    about 8 programs per SM."""
     blocks = min(8, 1 << max(0, -(-m // 8) - 1).bit_length())
-    programs = -(-_pack.row_blocks(n) // 4) * -(-m // (8 * blocks))
+    rows = 2 if blocks <= 4 else 1
+    programs = -(-_pack.row_blocks(n) // (4 * rows)) * -(-m // (8 * blocks))
     tiles = -(-k // TILE_DENSE_K)
     split = max(1, min(-(-8 * sms // programs), tiles // 2))
-    return SparseConfig(token_blocks=blocks, warps=4, split_k=split)
+    return SparseConfig(token_blocks=blocks, row_blocks=rows, split_k=split)
 
 
 def _slot_map() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -212,7 +219,7 @@ def _module(index: int) -> ctypes.c_void_p | None:
 
 
 def _shared_bytes(cfg: SparseConfig) -> int:
-    return 2 * cfg.token_blocks * 8 * 32 * 16  # two stages of B fragments
+    return 2 * cfg.token_blocks * 8 * 8 * 64  # two stages of 8 steps x 8 tokens x 64 bytes a token block
 
 
 def _function(index: int, name: str, shared: int) -> ctypes.c_void_p | None:
@@ -230,7 +237,7 @@ def try_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None,
                cfg: SparseConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """``x [M, K] @ qw.T + bias`` by the kernel, or None where it does not apply (scheme, batch past
     :data:`MAX_TOKENS`, no kernel build, metadata not built yet during graph capture)."""
-    if not (x.is_cuda and x.shape[0] <= MAX_TOKENS and x.data_ptr() % 4 == 0 and supports(qw, x.dtype)):
+    if not (x.is_cuda and x.shape[0] <= MAX_TOKENS and x.data_ptr() % 8 == 0 and supports(qw, x.dtype)):
         return None
     from .dispatch import _cuda_index, _num_sms
 
@@ -238,7 +245,7 @@ def try_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None,
     cfg = cfg or heuristic_config(x.shape[0], qw.out_features, qw.in_features, _num_sms(x.device))
     kind = "channel" if qw.scheme.per_channel else "group"
     dt = "f16" if x.dtype == torch.float16 else "bf16"
-    fn = _function(index, f"sparse24_int4_{dt}_mt{cfg.token_blocks}_w{cfg.warps}_{kind}", _shared_bytes(cfg))
+    fn = _function(index, f"sparse24_int4_{dt}_mt{cfg.token_blocks}_r{cfg.row_blocks}_{kind}", _shared_bytes(cfg))
     meta = None if fn is None else _cached_metadata(qw)
     if meta is None:
         return None
@@ -271,7 +278,7 @@ def _launch(fn, x, qw, meta, bias, cfg: SparseConfig, out) -> torch.Tensor:
     per_split = -(-tiles // min(cfg.split_k, tiles))
     split = -(-tiles // per_split)  # no empty split
     blocks = _pack.row_blocks(n)
-    grid = (-(-blocks // cfg.warps), split, -(-m // (8 * cfg.token_blocks)))
+    grid = (-(-blocks // (4 * cfg.row_blocks)), split, -(-m // (8 * cfg.token_blocks)))
     partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     counters = _counters(x.device, grid[0] * grid[2]) if split > 1 else out
     values = qw.packed[0]
@@ -281,5 +288,5 @@ def _launch(fn, x, qw, meta, bias, cfg: SparseConfig, out) -> torch.Tensor:
             ptr(out.data_ptr()), ptr(partial.data_ptr()), ptr(counters.data_ptr()), i32(m), i32(n), i32(k),
             i32(per_split), i32(tiles), i32(max(qw.scheme.group_size, 1)), i32(qw.num_groups), i32(blocks)]
     stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
-    _DRIVER.launch(fn, grid, (32 * cfg.warps, 1, 1), _shared_bytes(cfg), stream, args)
+    _DRIVER.launch(fn, grid, (128, 1, 1), _shared_bytes(cfg), stream, args)
     return out
