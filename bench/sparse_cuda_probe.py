@@ -38,11 +38,9 @@ def check(label: str) -> list[str]:
 
 
 def neighbours(cfg: SparseConfig) -> list[SparseConfig]:
-    """The heuristic, split-K x0.5 / x2, row groups a program x0.5 / x2 / x4, the other row blocks a warp."""
-    rep = dataclasses.replace
-    out = [cfg, rep(cfg, split_k=max(1, cfg.split_k // 2)), rep(cfg, split_k=cfg.split_k * 2),
-           rep(cfg, n_iters=max(1, cfg.n_iters // 2)), rep(cfg, n_iters=cfg.n_iters * 2), rep(cfg, n_iters=cfg.n_iters * 4)]
-    out += [rep(cfg, row_blocks=r, n_iters=max(1, cfg.n_iters * cfg.row_blocks // r)) for r in (1, 2, 4)
+    """The heuristic, split-K x0.5 / x2, and the other instantiated row blocks a warp."""
+    out = [cfg, dataclasses.replace(cfg, split_k=max(1, cfg.split_k // 2)), dataclasses.replace(cfg, split_k=cfg.split_k * 2)]
+    out += [dataclasses.replace(cfg, row_blocks=r, split_k=max(1, cfg.split_k * cfg.row_blocks // r)) for r in (1, 2, 4)
             if (cfg.token_blocks, r) in sparse_cuda.INSTANCES]
     return list(dict.fromkeys(out))
 
@@ -78,7 +76,7 @@ def main():
             best = min(row["cuda_24"], key=lambda r: r["us"])
             print(f"{name:8s} M={m:4d} cuBLAS {row['cublas_us']:7.1f}  int4 {row['int4_dense_us']:7.1f}  "
                   f"triton2:4 {row['triton_24_us']:7.1f}  cuda2:4 heur {row['cuda_24'][0]['us']:7.1f} best {best['us']:7.1f} "
-                  f"({best['token_blocks']},{best['row_blocks']},{best['split_k']},{best['n_iters']})", flush=True)
+                  f"({best['token_blocks']},{best['row_blocks']},{best['split_k']})", flush=True)
             result["rows"].append(row)
         del dense, sparse, ws, w0
         torch.cuda.empty_cache()

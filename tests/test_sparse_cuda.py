@@ -132,18 +132,15 @@ def test_config_rejects_unsupported_values():
         SparseConfig(token_blocks=3)
     with pytest.raises(ValueError, match="row_blocks"):
         SparseConfig(token_blocks=8, row_blocks=4)  # 32 accumulator tiles a warp: not instantiated
-    with pytest.raises(ValueError, match="n_iters"):
-        SparseConfig(n_iters=0)
 
 
 # ---------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("scheme", ["int4-g128-2:4", "int4-channel-2:4", "int4-g256-2:4"])
-@pytest.mark.parametrize("cfg", [None, SparseConfig(1, 1, 1), SparseConfig(2, 4, 3, 2), SparseConfig(8, 2, 7, 3),
-                                 SparseConfig(4, 2, 16, 1), SparseConfig(1, 4, 5, 8), SparseConfig(1, 1, 2, 64)],
-                         ids=lambda c: "heuristic" if c is None else
-                         f"mt{c.token_blocks}r{c.row_blocks}s{c.split_k}i{c.n_iters}")
+@pytest.mark.parametrize("cfg", [None, SparseConfig(1, 1, 1), SparseConfig(2, 4, 3), SparseConfig(8, 2, 7),
+                                 SparseConfig(4, 2, 16), SparseConfig(1, 4, 5)],
+                         ids=lambda c: "heuristic" if c is None else f"mt{c.token_blocks}r{c.row_blocks}s{c.split_k}")
 def test_gpu_sparse_kernel_matches_reference_poisoned(scheme, dtype, cfg):
     n, k = 1000, 2216  # N not a multiple of 16 rows x 4 warps, K not of 256
     qw = lowbit.quantize(torch.randn(n, k, dtype=dtype, device="cuda"), scheme)
@@ -180,7 +177,7 @@ def test_gpu_dispatch_runs_the_sparse_kernel_and_replays_in_a_graph():
 def test_gpu_sparse_kernel_is_deterministic_with_split_k():
     qw = lowbit.quantize(torch.randn(4096, 4096, dtype=torch.float16, device="cuda"), "int4-g128-2:4")
     x = torch.randn(16, 4096, dtype=torch.float16, device="cuda")
-    cfg = SparseConfig(2, 2, 8, 2)
+    cfg = SparseConfig(2, 2, 8)
     first = sparse_cuda.matmul(x, qw, None, cfg)
     for _ in range(20):
         assert torch.equal(sparse_cuda.matmul(x, qw, None, cfg), first)

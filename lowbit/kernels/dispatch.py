@@ -3,7 +3,7 @@
 The path and launch configuration come from the shape alone (no tuning at call time, no host
 sync), so calls are safe inside ``torch.compile`` and CUDA graph capture:
 
-0. 2:4 sparse int4 weights (symmetric, groups of 128k or per-channel, up to 32 tokens): the CUDA
+0. 2:4 sparse int4 weights (symmetric, groups of 128k or per-channel, up to 16 tokens): the CUDA
    kernel on the sparse tensor cores (:mod:`.sparse_cuda`), where it is built; otherwise as below;
 1. a tuned table shipped per GPU name (``configs/<gpu>.json``, written by ``lowbit tune``),
    matched on (bits, group kind, N, K), the batch bucket and the activation dtype (an entry tuned

@@ -14,8 +14,7 @@
 // A fragment holds (tig and 4 + tig) and decodes them with one shift, one LOP3 and one subtraction
 // per pair. The chunk -> group map is undone on the activations: each group of four inputs is
 // copied (8-byte cp.async) to its step's [token][chunk] row in shared memory (xor-swizzled), and one
-// ldmatrix.x4 a step gives a lane its B fragment. A program copies the activations of its split's
-// tiles once and walks n_iters groups of 64R rows over them. The position metadata is a separate tensor
+// ldmatrix.x4 a step gives a lane its B fragment. The position metadata is a separate tensor
 // already in register order (lowbit/kernels/sparse_cuda.py: mma_metadata): lanes with tig>>1 == h
 // feed steps of half h. Each warp takes R 16-row blocks, which share every B fragment.
 //
@@ -135,193 +134,203 @@ __device__ __forceinline__ void sparse24_int4(const uint2* __restrict__ x, const
                                               const void* __restrict__ bias, void* __restrict__ out,
                                               float* __restrict__ partial, int* __restrict__ counters, int M,
                                               int N, int K, int tiles_per_split, int tiles, int group_size,
-                                              int groups, int row_blocks, int n_iters) {
+                                              int groups, int row_blocks) {
   using A = Act<BF16>;
   using T = typename A::T;
   constexpr int WARPS = 4;
   constexpr int THREADS = WARPS * 32;
   constexpr int TOKENS = 8 * MT;
-  constexpr int STAGE_BYTES = MT * BLOCK_BYTES;  // one tile's activations
+  constexpr int STAGE_BYTES = MT * BLOCK_BYTES;
   extern __shared__ uint4 smem[];
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tig = lane & 3;
-  const int row_groups = (row_blocks + WARPS * R - 1) / (WARPS * R);  // 64R rows a group
-  const int gi0 = blockIdx.x * n_iters;
-  const int iters = min(n_iters, row_groups - gi0);
+  const int rb0 = (blockIdx.x * WARPS + warp) * R;  // this warp's first 16-row block
   const int tok0 = blockIdx.z * TOKENS;
   const int tokens = min(TOKENS, M - tok0);
   const int t_begin = blockIdx.y * tiles_per_split;
-  const int span = min(t_begin + tiles_per_split, tiles) - t_begin;
+  const int t_end = min(t_begin + tiles_per_split, tiles);
 
-  // The split's activations, copied once: tokens past M and inputs past K are zeros.
-  for (int i = threadIdx.x; i < span * STAGE_BYTES / 16; i += THREADS) {
+  // Tokens past M stay zero in both stages; real tokens are rewritten every tile.
+  for (int i = threadIdx.x; i < 2 * STAGE_BYTES / 16; i += THREADS) {
     const int row = (i * 16 % STAGE_BYTES) / ROW_BYTES;  // (block, step, token) of a 64-byte row
     if ((row >> 6) * 8 + (row & 7) >= tokens) smem[i] = make_uint4(0, 0, 0, 0);
   }
-  {
-    const int group = threadIdx.x % 64;
-    for (int tt = 0; tt < span; ++tt) {
-      const int k = (t_begin + tt) * TILE_DENSE_K + 4 * group;
-      const bool in_k = k < K;
-      for (int n = threadIdx.x / 64; n < tokens; n += THREADS / 64) {
-        const uint2* src = in_k ? x + ((static_cast<long long>(tok0 + n) * K + k) >> 2) : x;
-        cp_async8(smem_base + tt * STAGE_BYTES + (n >> 3) * BLOCK_BYTES + group_offset(n, group), src, in_k);
-      }
+  const int group = threadIdx.x % 64;
+  auto stage = [&](int t, int buf) {
+    const int k = t * TILE_DENSE_K + 4 * group;
+    const bool in_k = k < K;
+    for (int n = threadIdx.x / 64; n < tokens; n += THREADS / 64) {
+      const uint2* src = in_k ? x + ((static_cast<long long>(tok0 + n) * K + k) >> 2) : x;
+      cp_async8(smem_base + buf * STAGE_BYTES + (n >> 3) * BLOCK_BYTES + group_offset(n, group), src, in_k);
     }
     asm volatile("cp.async.commit_group;");
-  }
+  };
   const uint32_t frag_lane = smem_base + swizzled(lane & 7, lane >> 3);  // ldmatrix: lane l reads row l % 8 of matrix l / 8
 
-  // One tile's weights for rows group gi: values of rows g / g+8 and metadata of each 16-row block,
-  // and the scale pairs (one value twice) of both half tiles.
-  struct Tile {
-    uint4 lo[R], hi[R], meta[R];
-    uint32_t scale[R][2][2];
-  };
-  auto first_row = [&](int gi, int r) { return ((gi * WARPS + warp) * R + r) * 16 + g; };
-  auto load = [&](int gi, int t, Tile& w) {
+  const uint4* vrow[R];
+  const uint4* mrow[R];
+  int row_lo[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int rb = min((gi * WARPS + warp) * R + r, row_blocks - 1);  // blocks past N load real rows, store nothing
-      const uint4* v = values + rb * values_stride + t * 64 + lane;
-      w.lo[r] = v[0];
-      w.hi[r] = v[32];
-      w.meta[r] = meta[rb * meta_stride + t * 32 + lane];
-    }
-    if constexpr (!CHANNEL) {
+  for (int r = 0; r < R; ++r) {
+    const int rb = min(rb0 + r, row_blocks - 1);  // blocks past N load real rows, store nothing
+    vrow[r] = values + rb * values_stride + lane;
+    mrow[r] = meta + rb * meta_stride + lane;
+    row_lo[r] = (rb0 + r) * 16 + g;
+  }
+  // scale pairs (one value twice) of rows g and g + 8 of each block, both half tiles of tile t
+  auto load_scales = [&](int t, uint32_t (&s)[R][2][2]) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int q = min((t * TILE_DENSE_K + 128 * h) / group_size, groups - 1);
-        const T* sc = reinterpret_cast<const T*>(scales) + static_cast<long long>(q) * N;
+    for (int h = 0; h < 2; ++h) {
+      const int q = min((t * TILE_DENSE_K + 128 * h) / group_size, groups - 1);
+      const T* sc = reinterpret_cast<const T*>(scales) + static_cast<long long>(q) * N;
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const int row = first_row(gi, r);
-          w.scale[r][h][0] = row < N ? A::pair(sc[row]) : 0u;
-          w.scale[r][h][1] = row + 8 < N ? A::pair(sc[row + 8]) : 0u;
-        }
+      for (int r = 0; r < R; ++r) {
+        s[r][h][0] = row_lo[r] < N ? A::pair(sc[row_lo[r]]) : 0u;
+        s[r][h][1] = row_lo[r] + 8 < N ? A::pair(sc[row_lo[r] + 8]) : 0u;
       }
     }
   };
 
   float acc[R][MT][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int b = 0; b < MT; ++b)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][b][i] = 0.f;
+
+  uint4 v_lo[R], v_hi[R], m_cur[R];
+  uint32_t s_cur[R][2][2];
+  if (t_begin < t_end) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      v_lo[r] = vrow[r][t_begin * 64];
+      v_hi[r] = vrow[r][t_begin * 64 + 32];
+      m_cur[r] = mrow[r][t_begin * 32];
+    }
+    if constexpr (!CHANNEL) load_scales(t_begin, s_cur);
+    stage(t_begin, 0);
+  }
+  asm volatile("cp.async.wait_group 0;");
+  __syncthreads();
+
+  for (int t = t_begin; t < t_end; ++t) {
+    const bool more = t + 1 < t_end;
+    uint4 v_lo_next[R], v_hi_next[R], m_next[R];
+    uint32_t s_next[R][2][2];
+    if (more) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        v_lo_next[r] = vrow[r][(t + 1) * 64];
+        v_hi_next[r] = vrow[r][(t + 1) * 64 + 32];
+        m_next[r] = mrow[r][(t + 1) * 32];
+      }
+      if constexpr (!CHANNEL) load_scales(t + 1, s_next);
+      stage(t + 1, (t + 1 - t_begin) & 1);
+    }
+    const uint32_t frag = frag_lane + ((t - t_begin) & 1) * STAGE_BYTES;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        uint4 bf[MT];
+#pragma unroll
+        for (int b = 0; b < MT; ++b) ldmatrix_x4(bf[b], frag + b * BLOCK_BYTES + (h * 4 + u) * STEP_BYTES);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint32_t lo = word_of(v_lo[r], u), hi = word_of(v_hi[r], u);
+          uint32_t a[4] = {decode_pair<BF16>(lo, 8 * h), decode_pair<BF16>(hi, 8 * h),
+                           decode_pair<BF16>(lo, 8 * h + 4), decode_pair<BF16>(hi, 8 * h + 4)};
+          if constexpr (!CHANNEL) {
+            a[0] = A::mul(a[0], s_cur[r][h][0]);
+            a[1] = A::mul(a[1], s_cur[r][h][1]);
+            a[2] = A::mul(a[2], s_cur[r][h][0]);
+            a[3] = A::mul(a[3], s_cur[r][h][1]);
+          }
+          const uint32_t e = word_of(m_cur[r], u);
+#pragma unroll
+          for (int b = 0; b < MT; ++b) {
+            if (h == 0)
+              mma_sp<BF16, 0>(acc[r][b], a, bf[b], e);
+            else
+              mma_sp<BF16, 1>(acc[r][b], a, bf[b], e);
+          }
+        }
+      }
+    }
+    asm volatile("cp.async.wait_group 0;");
+    __syncthreads();
+    if (more) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        v_lo[r] = v_lo_next[r];
+        v_hi[r] = v_hi_next[r];
+        m_cur[r] = m_next[r];
+        if constexpr (!CHANNEL) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) s_cur[r][h][0] = s_next[r][h][0], s_cur[r][h][1] = s_next[r][h][1];
+        }
+      }
+    }
+  }
+
+  if constexpr (CHANNEL) {  // float32 scales [1, N]
+    const float* sc = reinterpret_cast<const float*>(scales);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float lo = row_lo[r] < N ? sc[row_lo[r]] : 0.f, hi = row_lo[r] + 8 < N ? sc[row_lo[r] + 8] : 0.f;
+#pragma unroll
+      for (int b = 0; b < MT; ++b) acc[r][b][0] *= lo, acc[r][b][1] *= lo, acc[r][b][2] *= hi, acc[r][b][3] *= hi;
+    }
+  }
+
+  // Element i of block r, token block b: row row_lo[r] (+ 8 for i >= 2), token tok0 + 8b + 2 tig + (i & 1).
   T* o = reinterpret_cast<T*>(out);
   const T* bs = reinterpret_cast<const T*>(bias);
   const int split = gridDim.y;
-  __shared__ int last;
-  // Element i of block r, token block b: row first_row + 8 (i >> 1), token tok0 + 8b + 2 tig + (i & 1).
-  auto epilogue = [&](int gi) {
-    if constexpr (CHANNEL) {  // float32 scales [1, N]
-      const float* sc = reinterpret_cast<const float*>(scales);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int row = first_row(gi, r);
-        const float lo = row < N ? sc[row] : 0.f, hi = row + 8 < N ? sc[row + 8] : 0.f;
-#pragma unroll
-        for (int b = 0; b < MT; ++b) acc[r][b][0] *= lo, acc[r][b][1] *= lo, acc[r][b][2] *= hi, acc[r][b][3] *= hi;
-      }
-    }
-    bool write = true;
-    if (split > 1) {
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int b = 0; b < MT; ++b)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int row = first_row(gi, r) + (i >> 1) * 8, tok = tok0 + 8 * b + 2 * tig + (i & 1);
-            if (row < N && tok < M) partial[(static_cast<long long>(blockIdx.y) * M + tok) * N + row] = acc[r][b][i];
-          }
-      __threadfence();
-      __syncthreads();
-      const int tile = blockIdx.z * row_groups + gi;
-      if (threadIdx.x == 0) {
-        last = atomicAdd(counters + tile, 1) == split - 1;
-        if (last) counters[tile] = 0;
-      }
-      __syncthreads();
-      write = last;
-      if (write) {
-        __threadfence();
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int b = 0; b < MT; ++b)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int row = first_row(gi, r) + (i >> 1) * 8, tok = tok0 + 8 * b + 2 * tig + (i & 1);
-              float sum = 0.f;
-              if (row < N && tok < M)
-                for (int s = 0; s < split; ++s)
-                  sum += __ldcg(partial + (static_cast<long long>(s) * M + tok) * N + row);
-              acc[r][b][i] = sum;
-            }
-      }
-    }
-    if (write) {
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int b = 0; b < MT; ++b)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int row = first_row(gi, r) + (i >> 1) * 8, tok = tok0 + 8 * b + 2 * tig + (i & 1);
-            if (row < N && tok < M)
-              o[static_cast<long long>(tok) * N + row] = A::from_float(acc[r][b][i] + (bs ? A::to_float(bs[row]) : 0.f));
-          }
-    }
-  };
-
-  // Row groups gi0 .. gi0 + iters - 1, each over the split's tiles; the next tile's weights (the next
-  // group's first tile at a group's end) load while this one computes.
-  Tile cur, next;
-  if (iters > 0 && span > 0) load(gi0, t_begin, cur);
-  asm volatile("cp.async.wait_group 0;");
-  __syncthreads();
-  for (int it = 0; it < iters; ++it) {
+  if (split > 1) {
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int b = 0; b < MT; ++b)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[r][b][i] = 0.f;
-    for (int tt = 0; tt < span; ++tt) {
-      const bool more = tt + 1 < span || it + 1 < iters;
-      if (more) load(tt + 1 < span ? gi0 + it : gi0 + it + 1, tt + 1 < span ? t_begin + tt + 1 : t_begin, next);
-      const uint32_t frag = frag_lane + tt * STAGE_BYTES;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          uint4 bf[MT];
-#pragma unroll
-          for (int b = 0; b < MT; ++b) ldmatrix_x4(bf[b], frag + b * BLOCK_BYTES + (h * 4 + u) * STEP_BYTES);
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            const uint32_t lo = word_of(cur.lo[r], u), hi = word_of(cur.hi[r], u);
-            uint32_t a[4] = {decode_pair<BF16>(lo, 8 * h), decode_pair<BF16>(hi, 8 * h),
-                             decode_pair<BF16>(lo, 8 * h + 4), decode_pair<BF16>(hi, 8 * h + 4)};
-            if constexpr (!CHANNEL) {
-              a[0] = A::mul(a[0], cur.scale[r][h][0]);
-              a[1] = A::mul(a[1], cur.scale[r][h][1]);
-              a[2] = A::mul(a[2], cur.scale[r][h][0]);
-              a[3] = A::mul(a[3], cur.scale[r][h][1]);
-            }
-            const uint32_t e = word_of(cur.meta[r], u);
-#pragma unroll
-            for (int b = 0; b < MT; ++b) {
-              if (h == 0)
-                mma_sp<BF16, 0>(acc[r][b], a, bf[b], e);
-              else
-                mma_sp<BF16, 1>(acc[r][b], a, bf[b], e);
-            }
-          }
+        for (int i = 0; i < 4; ++i) {
+          const int row = row_lo[r] + (i >> 1) * 8, tok = tok0 + 8 * b + 2 * tig + (i & 1);
+          if (row < N && tok < M) partial[(static_cast<long long>(blockIdx.y) * M + tok) * N + row] = acc[r][b][i];
         }
-      }
-      if (more) cur = next;
-    }
-    epilogue(gi0 + it);
+    __threadfence();
+    __syncthreads();
+    __shared__ int last;
+    const int tile = blockIdx.z * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) last = atomicAdd(counters + tile, 1) == split - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int b = 0; b < MT; ++b)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int row = row_lo[r] + (i >> 1) * 8, tok = tok0 + 8 * b + 2 * tig + (i & 1);
+          float sum = 0.f;
+          if (row < N && tok < M)
+            for (int s = 0; s < split; ++s) sum += __ldcg(partial + (static_cast<long long>(s) * M + tok) * N + row);
+          acc[r][b][i] = sum;
+        }
+    if (threadIdx.x == 0) counters[tile] = 0;
   }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int b = 0; b < MT; ++b)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = row_lo[r] + (i >> 1) * 8, tok = tok0 + 8 * b + 2 * tig + (i & 1);
+        if (row < N && tok < M)
+          o[static_cast<long long>(tok) * N + row] = A::from_float(acc[r][b][i] + (bs ? A::to_float(bs[row]) : 0.f));
+      }
 }
 
 }  // namespace
@@ -332,10 +341,10 @@ __device__ __forceinline__ void sparse24_int4(const uint2* __restrict__ x, const
   extern "C" __global__ void __launch_bounds__(128) sparse24_int4_##DT##_mt##MT##_r##R##_##KIND(                  \
       const uint2* x, const uint4* values, long long values_stride, const uint4* meta, long long meta_stride,     \
       const void* scales, const void* bias, void* out, float* partial, int* counters, int M, int N, int K,       \
-      int tiles_per_split, int tiles, int group_size, int groups, int row_blocks, int n_iters) {                \
+      int tiles_per_split, int tiles, int group_size, int groups, int row_blocks) {                              \
     sparse24_int4<BF16, MT, R, CHANNEL>(x, values, values_stride, meta, meta_stride, scales, bias, out, partial, \
                                         counters, M, N, K, tiles_per_split, tiles, group_size, groups,           \
-                                        row_blocks, n_iters);                                                    \
+                                        row_blocks);                                                             \
   }
 #define LOWBIT_SPARSE24_KIND(BF16, DT, CHANNEL, KIND)                                                     \
   LOWBIT_SPARSE24(BF16, DT, 1, 1, CHANNEL, KIND) LOWBIT_SPARSE24(BF16, DT, 1, 2, CHANNEL, KIND)           \

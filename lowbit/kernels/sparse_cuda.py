@@ -39,7 +39,7 @@ __all__ = ["SparseConfig", "MAX_TOKENS", "supports", "heuristic_config", "mma_me
 
 SOURCE = Path(__file__).with_name("sparse24_mma.cu")
 TILE_DENSE_K = 2 * _pack.TILE_K  # a stored k-tile of 128 kept values spans 256 dense inputs
-MAX_TOKENS = 32  # dispatch's limit: past it the Triton kernel is faster (bench/NOTES.md, session 12)
+MAX_TOKENS = 16  # dispatch's limit: at 32 tokens the Triton kernel is as fast (bench/NOTES.md, session 12)
 
 
 # (token blocks, row blocks a warp) the source instantiates: at most 16 accumulator tiles a warp
@@ -50,13 +50,12 @@ INSTANCES = ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (2, 4), (4, 1), (4, 2), (4,
 class SparseConfig:
     token_blocks: int = 1  # blocks of 8 tokens a program
     row_blocks: int = 1  # 16-row blocks a warp (4 warps a program), sharing each activation fragment
-    split_k: int = 1  # raised where a split's activations would not fit shared memory
-    n_iters: int = 1  # groups of 64 * row_blocks rows a program walks over its copied activations
+    split_k: int = 1
 
     def __post_init__(self):
-        if (self.token_blocks, self.row_blocks) not in INSTANCES or self.split_k < 1 or self.n_iters < 1:
-            raise ValueError(f"SparseConfig needs (token_blocks, row_blocks) in {INSTANCES}, split_k >= 1 and "
-                             f"n_iters >= 1, got {self}")
+        if (self.token_blocks, self.row_blocks) not in INSTANCES or self.split_k < 1:
+            raise ValueError(f"SparseConfig needs (token_blocks, row_blocks) in {INSTANCES} and split_k >= 1, "
+                             f"got {self}")
 
 
 def supports(qw: QuantizedWeight, dtype: torch.dtype) -> bool:
@@ -68,21 +67,14 @@ def supports(qw: QuantizedWeight, dtype: torch.dtype) -> bool:
             and dtype in (torch.float16, torch.bfloat16) and qw.in_features % 8 == 0)
 
 
-# a split's activations (token_blocks x 4 KB a tile) kept under ~56 KB: 4 programs of 128 threads fit an SM
-_SPLIT_TILE_BLOCKS = 14
-
-
 def heuristic_config(m: int, n: int, k: int, sms: int) -> SparseConfig:
-    """Token blocks to cover the batch (at most 8), 2 row blocks a warp (1 past 32 tokens); split-K
-    at least what shared memory needs, more until about 4 programs per SM; then row groups per
-    program to bring the programs down to about that."""
+    """Token blocks to cover the batch (at most 8), 2 row blocks a warp, split-K to about 4 programs
+    per SM (the best of the probed configs at 1-128 tokens on the 70B layers, H200, session 12)."""
     blocks = min(8, 1 << max(0, -(-m // 8) - 1).bit_length())
-    rows = 2 if blocks <= 4 else 1
-    groups = -(-_pack.row_blocks(n) // (4 * rows)) * -(-m // (8 * blocks))
+    programs = -(-_pack.row_blocks(n) // 8) * -(-m // (8 * blocks))
     tiles = -(-k // TILE_DENSE_K)
-    target = 4 * sms
-    split = max(-(-tiles // max(2, _SPLIT_TILE_BLOCKS // blocks)), min(-(-target // groups), max(1, tiles // 2)))
-    return SparseConfig(token_blocks=blocks, row_blocks=rows, split_k=split, n_iters=max(1, groups * split // target))
+    split = max(1, min(-(-4 * sms // programs), tiles // 2))
+    return SparseConfig(token_blocks=blocks, row_blocks=2, split_k=split)
 
 
 def _slot_map() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -226,22 +218,18 @@ def _module(index: int) -> ctypes.c_void_p | None:
     return None if isinstance(module, Exception) else module
 
 
-_BLOCK_BYTES = 8 * 8 * 64  # a tile's activations of 8 tokens: 8 steps x 8 tokens x 64 bytes
+def _shared_bytes(cfg: SparseConfig) -> int:
+    return 2 * cfg.token_blocks * 8 * 8 * 64  # two stages of 8 steps x 8 tokens x 64 bytes a token block
 
 
-def _function(index: int, name: str) -> ctypes.c_void_p | None:
+def _function(index: int, name: str, shared: int) -> ctypes.c_void_p | None:
     module = _module(index)
     if module is None:
         return None
     fn = _FUNCTIONS.get((index, name))
     if fn is None:
-        fn = _FUNCTIONS[(index, name)] = _DRIVER.function(module, name, _max_shared(index))
+        fn = _FUNCTIONS[(index, name)] = _DRIVER.function(module, name, shared)
     return fn
-
-
-def _max_shared(index: int) -> int:
-    """Dynamic shared memory a program may ask for (the device's opt-in limit, less the kernel's own)."""
-    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin - 1024
 
 
 # ------------------------------------------------------------------------------------------ launch
@@ -258,7 +246,7 @@ def try_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None,
     cfg = cfg or heuristic_config(x.shape[0], qw.out_features, qw.in_features, _num_sms(x.device))
     kind = "channel" if qw.scheme.per_channel else "group"
     dt = "f16" if x.dtype == torch.float16 else "bf16"
-    fn = _function(index, f"sparse24_int4_{dt}_mt{cfg.token_blocks}_r{cfg.row_blocks}_{kind}")
+    fn = _function(index, f"sparse24_int4_{dt}_mt{cfg.token_blocks}_r{cfg.row_blocks}_{kind}", _shared_bytes(cfg))
     meta = None if fn is None else _cached_metadata(qw)
     if meta is None:
         return None
@@ -276,7 +264,7 @@ def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
 
 
 def _launch(fn, x, qw, meta, bias, cfg: SparseConfig, out) -> torch.Tensor:
-    from .dispatch import _counters, _cuda_index
+    from .dispatch import _counters
 
     m, k = x.shape
     n = qw.out_features
@@ -288,24 +276,18 @@ def _launch(fn, x, qw, meta, bias, cfg: SparseConfig, out) -> torch.Tensor:
                          f"strides {out.stride()}")
     bias = None if bias is None else bias.to(x.dtype).contiguous()  # (held until the launch is queued)
     tiles = meta.shape[1] // 128
-    fit = max(1, _max_shared(_cuda_index(x.device)) // (cfg.token_blocks * _BLOCK_BYTES))  # tiles a split may copy
-    per_split = min(fit, -(-tiles // min(cfg.split_k, tiles)))
+    per_split = -(-tiles // min(cfg.split_k, tiles))
     split = -(-tiles // per_split)  # no empty split
     blocks = _pack.row_blocks(n)
-    row_groups = -(-blocks // (4 * cfg.row_blocks))
-    token_tiles = -(-m // (8 * cfg.token_blocks))
-    n_iters = min(cfg.n_iters, row_groups)
-    grid = (-(-row_groups // n_iters), split, token_tiles)
-    shared = per_split * cfg.token_blocks * _BLOCK_BYTES
+    grid = (-(-blocks // (4 * cfg.row_blocks)), split, -(-m // (8 * cfg.token_blocks)))
     partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    counters = _counters(x.device, row_groups * token_tiles) if split > 1 else out
+    counters = _counters(x.device, grid[0] * grid[2]) if split > 1 else out
     values = qw.packed[0]
     ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
     args = [ptr(x.data_ptr()), ptr(values.data_ptr()), i64(values.stride(0) // 8), ptr(meta.data_ptr()),
             i64(meta.stride(0) // 4), ptr(qw.scales.data_ptr()), ptr(0 if bias is None else bias.data_ptr()),
             ptr(out.data_ptr()), ptr(partial.data_ptr()), ptr(counters.data_ptr()), i32(m), i32(n), i32(k),
-            i32(per_split), i32(tiles), i32(max(qw.scheme.group_size, 1)), i32(qw.num_groups), i32(blocks),
-            i32(n_iters)]
+            i32(per_split), i32(tiles), i32(max(qw.scheme.group_size, 1)), i32(qw.num_groups), i32(blocks)]
     stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
-    _DRIVER.launch(fn, grid, (128, 1, 1), shared, stream, args)
+    _DRIVER.launch(fn, grid, (128, 1, 1), _shared_bytes(cfg), stream, args)
     return out
