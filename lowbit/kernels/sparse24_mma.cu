@@ -14,9 +14,7 @@
 // A fragment holds (tig and 4 + tig) and decodes them with one shift, one LOP3 and one subtraction
 // per pair. The chunk -> group map is undone on the activations: each group of four inputs is
 // copied (8-byte cp.async) to its step's [token][chunk] row in shared memory (xor-swizzled), and one
-// ldmatrix.x4 a step gives a lane its B fragment. Weights and activations go through a ring of
-// STAGES shared-memory stages (cp.async; each lane copies and reads back only its own weight words),
-// so three tiles load while one computes. The position metadata is a separate tensor
+// ldmatrix.x4 a step gives a lane its B fragment. The position metadata is a separate tensor
 // already in register order (lowbit/kernels/sparse_cuda.py: mma_metadata): lanes with tig>>1 == h
 // feed steps of half h. Each warp takes R 16-row blocks, which share every B fragment.
 //
@@ -129,19 +127,6 @@ __device__ __forceinline__ int group_offset(int n, int group) {
   return (h * 4 + u) * STEP_BYTES + swizzled(n & 7, chunk >> 1) + 8 * (chunk & 1);
 }
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
-}
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N));
-}
-
-constexpr int STAGES = 4;  // tiles in flight: three load while one computes
-constexpr int LANE_BYTES = 32 * 16;  // one 16-byte word per lane
-constexpr int WARP_ROW_BYTES = 3 * LANE_BYTES;  // a row block's tile: values of rows g, g+8, metadata
-
 template <bool BF16, int MT, int R, bool CHANNEL>
 __device__ __forceinline__ void sparse24_int4(const uint2* __restrict__ x, const uint4* __restrict__ values,
                                               long long values_stride, const uint4* __restrict__ meta,
@@ -155,8 +140,7 @@ __device__ __forceinline__ void sparse24_int4(const uint2* __restrict__ x, const
   constexpr int WARPS = 4;
   constexpr int THREADS = WARPS * 32;
   constexpr int TOKENS = 8 * MT;
-  constexpr int X_BYTES = MT * BLOCK_BYTES;  // a stage: the tile's activations, then each warp's weights
-  constexpr int STAGE_BYTES = X_BYTES + WARPS * R * WARP_ROW_BYTES;
+  constexpr int STAGE_BYTES = MT * BLOCK_BYTES;
   extern __shared__ uint4 smem[];
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 
@@ -167,13 +151,22 @@ __device__ __forceinline__ void sparse24_int4(const uint2* __restrict__ x, const
   const int t_begin = blockIdx.y * tiles_per_split;
   const int t_end = min(t_begin + tiles_per_split, tiles);
 
-  // Tokens past M stay zero in every stage; real tokens are rewritten every tile.
-  for (int i = threadIdx.x; i < STAGES * X_BYTES / 16; i += THREADS) {
-    const int at = i * 16 % X_BYTES, stage = i * 16 / X_BYTES;
-    const int row = at / ROW_BYTES;  // (block, step, token) of a 64-byte row
-    if ((row >> 6) * 8 + (row & 7) >= tokens) smem[(stage * STAGE_BYTES + at) / 16] = make_uint4(0, 0, 0, 0);
+  // Tokens past M stay zero in both stages; real tokens are rewritten every tile.
+  for (int i = threadIdx.x; i < 2 * STAGE_BYTES / 16; i += THREADS) {
+    const int row = (i * 16 % STAGE_BYTES) / ROW_BYTES;  // (block, step, token) of a 64-byte row
+    if ((row >> 6) * 8 + (row & 7) >= tokens) smem[i] = make_uint4(0, 0, 0, 0);
   }
-  __syncthreads();
+  const int group = threadIdx.x % 64;
+  auto stage = [&](int t, int buf) {
+    const int k = t * TILE_DENSE_K + 4 * group;
+    const bool in_k = k < K;
+    for (int n = threadIdx.x / 64; n < tokens; n += THREADS / 64) {
+      const uint2* src = in_k ? x + ((static_cast<long long>(tok0 + n) * K + k) >> 2) : x;
+      cp_async8(smem_base + buf * STAGE_BYTES + (n >> 3) * BLOCK_BYTES + group_offset(n, group), src, in_k);
+    }
+    asm volatile("cp.async.commit_group;");
+  };
+  const uint32_t frag_lane = smem_base + swizzled(lane & 7, lane >> 3);  // ldmatrix: lane l reads row l % 8 of matrix l / 8
 
   const uint4* vrow[R];
   const uint4* mrow[R];
@@ -185,29 +178,6 @@ __device__ __forceinline__ void sparse24_int4(const uint2* __restrict__ x, const
     mrow[r] = meta + rb * meta_stride + lane;
     row_lo[r] = (rb0 + r) * 16 + g;
   }
-  const int group = threadIdx.x % 64;
-  const uint32_t warp_weights = X_BYTES + warp * R * WARP_ROW_BYTES + lane * 16;
-  // Tile t into stage buf: the activations (8 bytes a group of four inputs and token) and this
-  // lane's own 16-byte words of each row block (it alone reads them back).
-  auto issue = [&](int t, int buf) {
-    if (t < t_end) {
-      const uint32_t base = smem_base + buf * STAGE_BYTES;
-      const int k = t * TILE_DENSE_K + 4 * group;
-      const bool in_k = k < K;
-      for (int n = threadIdx.x / 64; n < tokens; n += THREADS / 64) {
-        const uint2* src = in_k ? x + ((static_cast<long long>(tok0 + n) * K + k) >> 2) : x;
-        cp_async8(base + (n >> 3) * BLOCK_BYTES + group_offset(n, group), src, in_k);
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const uint32_t w = base + warp_weights + r * WARP_ROW_BYTES;
-        cp_async16(w, vrow[r] + t * 64);
-        cp_async16(w + LANE_BYTES, vrow[r] + t * 64 + 32);
-        cp_async16(w + 2 * LANE_BYTES, mrow[r] + t * 32);
-      }
-    }
-    asm volatile("cp.async.commit_group;");  // (empty groups keep the count of groups in flight fixed)
-  };
   // scale pairs (one value twice) of rows g and g + 8 of each block, both half tiles of tile t
   auto load_scales = [&](int t, uint32_t (&s)[R][2][2]) {
 #pragma unroll
@@ -221,7 +191,6 @@ __device__ __forceinline__ void sparse24_int4(const uint2* __restrict__ x, const
       }
     }
   };
-  const uint32_t frag_lane = swizzled(lane & 7, lane >> 3);  // ldmatrix: lane l reads row l % 8 of matrix l / 8
 
   float acc[R][MT][4];
 #pragma unroll
@@ -231,31 +200,36 @@ __device__ __forceinline__ void sparse24_int4(const uint2* __restrict__ x, const
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[r][b][i] = 0.f;
 
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) issue(t_begin + s, s);
+  uint4 v_lo[R], v_hi[R], m_cur[R];
   uint32_t s_cur[R][2][2];
-  if constexpr (!CHANNEL) {
-    if (t_begin < t_end) load_scales(t_begin, s_cur);
-  }
-
-  for (int t = t_begin; t < t_end; ++t) {
-    const int buf = (t - t_begin) % STAGES;
-    cp_async_wait<STAGES - 2>();  // tile t has landed (this thread's copies) ...
-    __syncthreads();              // ... and everyone's; the stage issued next was computed on last tile
-    issue(t + STAGES - 1, (t - t_begin + STAGES - 1) % STAGES);
-    uint32_t s_next[R][2][2];
-    if constexpr (!CHANNEL) {
-      if (t + 1 < t_end) load_scales(t + 1, s_next);
-    }
-    const uint4* words = smem + (buf * STAGE_BYTES + warp_weights) / 16;
-    uint4 v_lo[R], v_hi[R], m_cur[R];
+  if (t_begin < t_end) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      v_lo[r] = words[r * WARP_ROW_BYTES / 16];
-      v_hi[r] = words[(r * WARP_ROW_BYTES + LANE_BYTES) / 16];
-      m_cur[r] = words[(r * WARP_ROW_BYTES + 2 * LANE_BYTES) / 16];
+      v_lo[r] = vrow[r][t_begin * 64];
+      v_hi[r] = vrow[r][t_begin * 64 + 32];
+      m_cur[r] = mrow[r][t_begin * 32];
     }
-    const uint32_t frag = smem_base + buf * STAGE_BYTES + frag_lane;
+    if constexpr (!CHANNEL) load_scales(t_begin, s_cur);
+    stage(t_begin, 0);
+  }
+  asm volatile("cp.async.wait_group 0;");
+  __syncthreads();
+
+  for (int t = t_begin; t < t_end; ++t) {
+    const bool more = t + 1 < t_end;
+    uint4 v_lo_next[R], v_hi_next[R], m_next[R];
+    uint32_t s_next[R][2][2];
+    if (more) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        v_lo_next[r] = vrow[r][(t + 1) * 64];
+        v_hi_next[r] = vrow[r][(t + 1) * 64 + 32];
+        m_next[r] = mrow[r][(t + 1) * 32];
+      }
+      if constexpr (!CHANNEL) load_scales(t + 1, s_next);
+      stage(t + 1, (t + 1 - t_begin) & 1);
+    }
+    const uint32_t frag = frag_lane + ((t - t_begin) & 1) * STAGE_BYTES;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
@@ -285,16 +259,21 @@ __device__ __forceinline__ void sparse24_int4(const uint2* __restrict__ x, const
         }
       }
     }
-    if constexpr (!CHANNEL) {
-      if (t + 1 < t_end) {
+    asm volatile("cp.async.wait_group 0;");
+    __syncthreads();
+    if (more) {
 #pragma unroll
-        for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r) {
+        v_lo[r] = v_lo_next[r];
+        v_hi[r] = v_hi_next[r];
+        m_cur[r] = m_next[r];
+        if constexpr (!CHANNEL) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) s_cur[r][h][0] = s_next[r][h][0], s_cur[r][h][1] = s_next[r][h][1];
+        }
       }
     }
   }
-  cp_async_wait<0>();
 
   if constexpr (CHANNEL) {  // float32 scales [1, N]
     const float* sc = reinterpret_cast<const float*>(scales);

@@ -219,8 +219,7 @@ def _module(index: int) -> ctypes.c_void_p | None:
 
 
 def _shared_bytes(cfg: SparseConfig) -> int:
-    # a stage: 8 steps x 8 tokens x 64 bytes a token block, and 3 x 512 bytes a warp a row block; 4 stages
-    return 4 * (cfg.token_blocks * 8 * 8 * 64 + 4 * cfg.row_blocks * 3 * 512)
+    return 2 * cfg.token_blocks * 8 * 8 * 64  # two stages of 8 steps x 8 tokens x 64 bytes a token block
 
 
 def _function(index: int, name: str, shared: int) -> ctypes.c_void_p | None:
