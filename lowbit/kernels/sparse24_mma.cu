@@ -1,4 +1,4 @@
-// 2:4 sparse int4 weights x fp16/bf16 activations on the sparse tensor cores (mma.sp, sm_80+).
+// 2:4 sparse int4 weights x fp16/bf16 activations on the sparse tensor cores (mma.sp::ordered_metadata, sm_80+).
 //
 // out[M, N] = x[M, K] @ W[N, K].T, W 2:4 sparse with symmetric int4 kept values (code - 8) and
 // per-channel or group scales (groups a multiple of 128). The instruction is
@@ -18,7 +18,7 @@
 // already in register order (lowbit/kernels/sparse_cuda.py: mma_metadata): lanes with tig>>1 == h
 // feed steps of half h. Each warp takes R 16-row blocks, which share every B fragment.
 //
-// Group scales multiply the decoded weights (one group a half tile); per-channel scales the fp32
+// Group scales multiply the fp32 partial of each half tile (one group); per-channel scales the fp32
 // result. Split-K over blockIdx.y is reduced deterministically: every split writes an fp32 partial,
 // the last to arrive sums them in split order, writes the output and resets its counter (as the
 // Triton kernel does).
@@ -40,14 +40,6 @@ struct Act<false> {
     __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
     return *reinterpret_cast<uint32_t*>(&r);
   }
-  __device__ static uint32_t mul(uint32_t a, uint32_t b) {
-    __half2 r = __hmul2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  __device__ static uint32_t pair(T v) {
-    __half2 r = __half2half2(v);
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
   __device__ static T from_float(float f) { return __float2half_rn(f); }
   __device__ static float to_float(T v) { return __half2float(v); }
 };
@@ -61,35 +53,51 @@ struct Act<true> {
     __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
     return *reinterpret_cast<uint32_t*>(&r);
   }
-  __device__ static uint32_t mul(uint32_t a, uint32_t b) {
-    __nv_bfloat162 r = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  __device__ static uint32_t pair(T v) {
-    __nv_bfloat162 r = __bfloat162bfloat162(v);
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
   __device__ static T from_float(float f) { return __float2bfloat16_rn(f); }
   __device__ static float to_float(T v) { return __bfloat162float(v); }
 };
 
-// The pair of kept values at nibble `shift / 4` of a word pair, as two fp16/bf16 values code - 8.
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t bits) {  // (a & mask) | bits
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(mask), "r"(bits));
+  return r;
+}
+
+// The pairs of kept values at nibbles 2h (fragments 0, 1) and 2h + 1 (fragments 2, 3) of the word
+// pairs of rows g (lo) and g + 8 (hi), as fp16/bf16 values code - 8. fp16 reads nibble 2h + 1 in
+// place: 1024 + 16 code (10 mantissa bits hold it), times 1/16 minus 72 in one exact HFMA2; bf16's
+// 7 mantissa bits do not, so it shifts each nibble down.
 template <bool BF16>
-__device__ __forceinline__ uint32_t decode_pair(uint32_t words, int shift) {
-  uint32_t biased;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(biased) : "r"(words >> shift), "r"(0x000f000fu), "r"(Act<BF16>::MAGIC));
-  return Act<BF16>::sub(biased, Act<BF16>::MAGIC_OFFSET);
+__device__ __forceinline__ void decode_step(uint32_t lo, uint32_t hi, int h, uint32_t (&a)[4]) {
+  using A = Act<BF16>;
+  if constexpr (BF16) {
+    a[0] = A::sub(lop3_and_or(lo >> (8 * h), 0x000f000fu, A::MAGIC), A::MAGIC_OFFSET);
+    a[1] = A::sub(lop3_and_or(hi >> (8 * h), 0x000f000fu, A::MAGIC), A::MAGIC_OFFSET);
+    a[2] = A::sub(lop3_and_or(lo >> (8 * h + 4), 0x000f000fu, A::MAGIC), A::MAGIC_OFFSET);
+    a[3] = A::sub(lop3_and_or(hi >> (8 * h + 4), 0x000f000fu, A::MAGIC), A::MAGIC_OFFSET);
+  } else {
+    const uint32_t l = lo >> (8 * h), u = hi >> (8 * h);
+    const __half2 sixteenth = __halves2half2(__ushort_as_half(0x2C00), __ushort_as_half(0x2C00));  // 1/16
+    const __half2 minus72 = __halves2half2(__ushort_as_half(0xD480), __ushort_as_half(0xD480));    // -(64 + 8)
+    a[0] = A::sub(lop3_and_or(l, 0x000f000fu, A::MAGIC), A::MAGIC_OFFSET);
+    a[1] = A::sub(lop3_and_or(u, 0x000f000fu, A::MAGIC), A::MAGIC_OFFSET);
+    uint32_t b2 = lop3_and_or(l, 0x00f000f0u, A::MAGIC), b3 = lop3_and_or(u, 0x00f000f0u, A::MAGIC);
+    __half2 r2 = __hfma2(*reinterpret_cast<__half2*>(&b2), sixteenth, minus72);
+    __half2 r3 = __hfma2(*reinterpret_cast<__half2*>(&b3), sixteenth, minus72);
+    a[2] = *reinterpret_cast<uint32_t*>(&r2);
+    a[3] = *reinterpret_cast<uint32_t*>(&r3);
+  }
 }
 
 template <bool BF16, int SEL>
 __device__ __forceinline__ void mma_sp(float (&d)[4], const uint32_t (&a)[4], const uint4& b, uint32_t meta) {
   if constexpr (BF16) {
-    asm("mma.sp.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y), "r"(b.z), "r"(b.w), "r"(meta), "n"(SEL));
   } else {
-    asm("mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y), "r"(b.z), "r"(b.w), "r"(meta), "n"(SEL));
@@ -179,15 +187,15 @@ __device__ __forceinline__ void sparse24_int4(const uint2* __restrict__ x, const
     row_lo[r] = (rb0 + r) * 16 + g;
   }
   // scale pairs (one value twice) of rows g and g + 8 of each block, both half tiles of tile t
-  auto load_scales = [&](int t, uint32_t (&s)[R][2][2]) {
+  auto load_scales = [&](int t, float (&s)[R][2][2]) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int q = min((t * TILE_DENSE_K + 128 * h) / group_size, groups - 1);
       const T* sc = reinterpret_cast<const T*>(scales) + static_cast<long long>(q) * N;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        s[r][h][0] = row_lo[r] < N ? A::pair(sc[row_lo[r]]) : 0u;
-        s[r][h][1] = row_lo[r] + 8 < N ? A::pair(sc[row_lo[r] + 8]) : 0u;
+        s[r][h][0] = row_lo[r] < N ? A::to_float(sc[row_lo[r]]) : 0.f;
+        s[r][h][1] = row_lo[r] + 8 < N ? A::to_float(sc[row_lo[r] + 8]) : 0.f;
       }
     }
   };
@@ -201,7 +209,7 @@ __device__ __forceinline__ void sparse24_int4(const uint2* __restrict__ x, const
       for (int i = 0; i < 4; ++i) acc[r][b][i] = 0.f;
 
   uint4 v_lo[R], v_hi[R], m_cur[R];
-  uint32_t s_cur[R][2][2];
+  float s_cur[R][2][2];
   if (t_begin < t_end) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -218,7 +226,7 @@ __device__ __forceinline__ void sparse24_int4(const uint2* __restrict__ x, const
   for (int t = t_begin; t < t_end; ++t) {
     const bool more = t + 1 < t_end;
     uint4 v_lo_next[R], v_hi_next[R], m_next[R];
-    uint32_t s_next[R][2][2];
+    float s_next[R][2][2];
     if (more) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -232,6 +240,13 @@ __device__ __forceinline__ void sparse24_int4(const uint2* __restrict__ x, const
     const uint32_t frag = frag_lane + ((t - t_begin) & 1) * STAGE_BYTES;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      float part[R][MT][4];  // the half tile (one scale group), scaled into acc after its four steps
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int b = 0; b < MT; ++b)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) part[r][b][i] = 0.f;
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         uint4 bf[MT];
@@ -239,24 +254,29 @@ __device__ __forceinline__ void sparse24_int4(const uint2* __restrict__ x, const
         for (int b = 0; b < MT; ++b) ldmatrix_x4(bf[b], frag + b * BLOCK_BYTES + (h * 4 + u) * STEP_BYTES);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          const uint32_t lo = word_of(v_lo[r], u), hi = word_of(v_hi[r], u);
-          uint32_t a[4] = {decode_pair<BF16>(lo, 8 * h), decode_pair<BF16>(hi, 8 * h),
-                           decode_pair<BF16>(lo, 8 * h + 4), decode_pair<BF16>(hi, 8 * h + 4)};
-          if constexpr (!CHANNEL) {
-            a[0] = A::mul(a[0], s_cur[r][h][0]);
-            a[1] = A::mul(a[1], s_cur[r][h][1]);
-            a[2] = A::mul(a[2], s_cur[r][h][0]);
-            a[3] = A::mul(a[3], s_cur[r][h][1]);
-          }
+          uint32_t a[4];
+          decode_step<BF16>(word_of(v_lo[r], u), word_of(v_hi[r], u), h, a);
           const uint32_t e = word_of(m_cur[r], u);
 #pragma unroll
           for (int b = 0; b < MT; ++b) {
+            float(&d)[4] = CHANNEL ? acc[r][b] : part[r][b];
             if (h == 0)
-              mma_sp<BF16, 0>(acc[r][b], a, bf[b], e);
+              mma_sp<BF16, 0>(d, a, bf[b], e);
             else
-              mma_sp<BF16, 1>(acc[r][b], a, bf[b], e);
+              mma_sp<BF16, 1>(d, a, bf[b], e);
           }
         }
+      }
+      if constexpr (!CHANNEL) {
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int b = 0; b < MT; ++b) {
+            acc[r][b][0] = fmaf(part[r][b][0], s_cur[r][h][0], acc[r][b][0]);
+            acc[r][b][1] = fmaf(part[r][b][1], s_cur[r][h][0], acc[r][b][1]);
+            acc[r][b][2] = fmaf(part[r][b][2], s_cur[r][h][1], acc[r][b][2]);
+            acc[r][b][3] = fmaf(part[r][b][3], s_cur[r][h][1], acc[r][b][3]);
+          }
       }
     }
     asm volatile("cp.async.wait_group 0;");
