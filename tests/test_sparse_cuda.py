@@ -6,6 +6,8 @@ order) through the PTX ISA's register layout of ``mma.sp.m16n8k32``, and must gi
 The ``gpu`` tests run the kernel itself against the reference.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -132,6 +134,60 @@ def test_config_rejects_unsupported_values():
         SparseConfig(token_blocks=3)
     with pytest.raises(ValueError, match="row_blocks"):
         SparseConfig(token_blocks=8, row_blocks=4)  # 32 accumulator tiles a warp: not instantiated
+
+
+def test_metadata_is_built_once_per_positions_tensor_and_again_after_it_changes():
+    qw = random_qweight("int4-g128-2:4", 16, 256, torch.float16, "cpu")
+    first = sparse_cuda._cached_metadata(qw)
+    assert sparse_cuda._cached_metadata(qw) is first
+    qw.packed[1].copy_(torch.roll(qw.packed[1], 1, dims=1))  # an in-place change bumps the tensor's version
+    again = sparse_cuda._cached_metadata(qw)
+    assert again is not first and torch.equal(again, sparse_cuda.mma_metadata(qw))
+
+
+def test_try_matmul_declines_cpu_tensors_and_unsupported_schemes():
+    qw = random_qweight("int4-g128-2:4", 16, 256, torch.float16, "cpu")
+    assert sparse_cuda.try_matmul(torch.randn(2, 256, dtype=torch.float16), qw, None) is None
+    with pytest.raises(RuntimeError, match="does not apply"):
+        sparse_cuda.matmul(torch.randn(2, 256, dtype=torch.float16), qw)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty cubin cache and module table, and a fake nvcc that writes its -o file and counts its runs."""
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(sparse_cuda, "_MODULES", {})
+    runs = tmp_path / "runs"
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text('#!/bin/sh\necho run >> "%s"\nwhile [ "$1" != "-o" ]; do shift; done\nprintf cubin > "$2"\n' % runs)
+    nvcc.chmod(0o755)
+    return nvcc, runs
+
+
+def test_cubin_is_compiled_once_and_then_read_from_the_cache(fresh_build, monkeypatch):
+    nvcc, runs = fresh_build
+    monkeypatch.setattr(sparse_cuda, "_nvcc", lambda: str(nvcc))
+    assert sparse_cuda._cubin("90") == b"cubin"
+    assert sparse_cuda._cubin("90") == b"cubin"
+    assert runs.read_text().count("run") == 1
+    assert sparse_cuda._cubin("80") == b"cubin" and runs.read_text().count("run") == 2  # one file per architecture
+
+
+def test_missing_nvcc_warns_once_and_the_triton_kernel_runs(fresh_build, monkeypatch):
+    monkeypatch.setattr(sparse_cuda, "_nvcc", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    with pytest.warns(RuntimeWarning, match="nvcc not found"):
+        assert sparse_cuda._module(0) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sparse_cuda._module(0) is None  # remembered: no second warning, no second build
+
+
+def test_disabled_by_environment_without_a_warning(fresh_build, monkeypatch):
+    monkeypatch.setenv("LOWBIT_SPARSE_CUDA", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sparse_cuda._module(0) is None
 
 
 # ---------------------------------------------------------------------------------------------- GPU

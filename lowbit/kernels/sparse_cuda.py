@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -64,9 +65,11 @@ def supports(qw: QuantizedWeight, dtype: torch.dtype) -> bool:
     group_ok = (s.per_channel and qw.scales.dtype == torch.float32) or (
         not s.per_channel and s.group_size % 128 == 0 and qw.scales.dtype == dtype)
     return (s.sparsity == "2:4" and not s.fmt.is_float and s.bits == 4 and s.symmetric and not s.mx and group_ok
-            and dtype in (torch.float16, torch.bfloat16) and qw.in_features % 8 == 0)
+            and dtype in (torch.float16, torch.bfloat16) and qw.in_features % 8 == 0 and qw.scales.is_contiguous()
+            and all(t.is_contiguous() for t in qw.packed))
 
 
+@lru_cache(maxsize=65536)  # called on every matmul
 def heuristic_config(m: int, n: int, k: int, sms: int) -> SparseConfig:
     """Token blocks to cover the batch (at most 8), 2 row blocks a warp, split-K to about 4 programs
     per SM (the best of the probed configs at 1-128 tokens on the 70B layers, H200, session 12)."""
@@ -206,9 +209,10 @@ def _module(index: int) -> ctypes.c_void_p | None:
             if major < 8:
                 raise RuntimeError(f"sm_{major}{minor} has no sparse tensor cores (sm_80+)")
             image = _cubin(f"{major}{minor}")
-            torch.empty(1, device=f"cuda:{index}")  # torch's context current on this thread
             _DRIVER = _DRIVER or _Driver()
-            _MODULES[index] = _DRIVER.load(image)
+            with torch.cuda.device(index):  # the device's primary context (torch's) current on this thread
+                torch.cuda.synchronize()
+                _MODULES[index] = _DRIVER.load(image)
         except (RuntimeError, OSError) as e:
             _MODULES[index] = e
             if os.environ.get("LOWBIT_SPARSE_CUDA", "1") != "0":
@@ -238,7 +242,10 @@ def try_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None,
                max_tokens: int = MAX_TOKENS) -> torch.Tensor | None:
     """``x [M, K] @ qw.T + bias`` by the kernel, or None where it does not apply (scheme, batch past
     ``max_tokens``, no kernel build, metadata not built yet during graph capture)."""
-    if not (x.is_cuda and x.shape[0] <= max_tokens and x.data_ptr() % 8 == 0 and supports(qw, x.dtype)):
+    if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= max_tokens and supports(qw, x.dtype)):
+        return None
+    x = x.contiguous()
+    if x.data_ptr() % 8:  # 8-byte copies of four inputs
         return None
     from .dispatch import _cuda_index, _num_sms
 
@@ -250,7 +257,10 @@ def try_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None,
     meta = None if fn is None else _cached_metadata(qw)
     if meta is None:
         return None
-    return _launch(fn, x, qw, meta, bias, cfg, out)
+    if index == torch.cuda.current_device():
+        return _launch(fn, x, qw, meta, bias, cfg, out)
+    with torch.cuda.device(index):  # the function belongs to that device's context
+        return _launch(fn, x, qw, meta, bias, cfg, out)
 
 
 def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,
@@ -268,7 +278,6 @@ def _launch(fn, x, qw, meta, bias, cfg: SparseConfig, out) -> torch.Tensor:
 
     m, k = x.shape
     n = qw.out_features
-    x = x.contiguous()
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     elif out.shape != (m, n) or out.stride() != (n, 1) or out.dtype != x.dtype:
