@@ -136,16 +136,60 @@ def test_config_rejects_unsupported_values():
         SparseConfig(token_blocks=8, row_blocks=4)  # 32 accumulator tiles a warp: not instantiated
 
 
-def test_metadata_is_built_once_per_positions_tensor_and_again_after_it_changes():
+def test_metadata_is_built_once_per_positions_tensor_and_rebuilt_in_place_after_it_changes():
+    """In place: a CUDA graph captured with the metadata tensor reads the new positions."""
     qw = random_qweight("int4-g128-2:4", 16, 256, torch.float16, "cpu")
     first = sparse_cuda._cached_metadata(qw)
+    before = first.clone()
     assert sparse_cuda._cached_metadata(qw) is first
     qw.packed[1].copy_(torch.roll(qw.packed[1], 1, dims=1))  # an in-place change bumps the tensor's version
     again = sparse_cuda._cached_metadata(qw)
-    assert again is not first and torch.equal(again, sparse_cuda.mma_metadata(qw))
+    assert again is first and torch.equal(again, sparse_cuda.mma_metadata(qw)) and not torch.equal(again, before)
 
 
-def test_try_matmul_declines_cpu_tensors_and_unsupported_schemes():
+def test_metadata_of_inference_tensors_is_cached_too():
+    with torch.inference_mode():
+        qw = random_qweight("int4-g128-2:4", 16, 256, torch.float16, "cpu")
+        assert sparse_cuda._cached_metadata(qw) is sparse_cuda._cached_metadata(qw)
+
+
+def test_metadata_built_in_chunks_of_row_blocks_is_the_same(monkeypatch):
+    qw = random_qweight("int4-g128-2:4", 41, 520, torch.float16, "cpu")  # 3 row blocks, the last partial
+    whole = sparse_cuda.mma_metadata(qw)
+    monkeypatch.setattr(sparse_cuda, "_METADATA_CHUNK", 1)
+    assert torch.equal(sparse_cuda.mma_metadata(qw), whole)
+
+
+def test_config_instances_are_the_ones_the_source_compiles():
+    import re
+    source = sparse_cuda.SOURCE.read_text()
+    compiled = {(int(mt), int(r)) for mt, r in re.findall(r"LOWBIT_SPARSE24\(BF16, DT, (\d+), (\d+), CHANNEL, KIND\)", source)}
+    assert compiled == set(sparse_cuda.INSTANCES)
+
+
+def _constant(source: str, name: str, which: int = 0) -> int:
+    import re
+    return int(re.findall(name + r" = (0x[0-9a-fA-F]+)u", source)[which], 16)
+
+
+def test_the_kernels_magic_numbers_decode_every_int4_code_exactly():
+    """The decode's constants as written in the source: (code | MAGIC) - MAGIC_OFFSET = code - 8 in fp16
+    and bf16, and fp16's in-place odd nibble (1024 + 16 code) * 1/16 - 72 = code - 8."""
+    source = sparse_cuda.SOURCE.read_text()
+    codes = torch.arange(16, dtype=torch.int32)
+    for which, dtype in ((0, torch.float16), (1, torch.bfloat16)):
+        magic, offset = _constant(source, "MAGIC", which) & 0xFFFF, _constant(source, "MAGIC_OFFSET", which) & 0xFFFF
+        biased = (codes | magic).to(torch.int16).view(dtype).float()
+        sub = torch.tensor([offset], dtype=torch.int32).to(torch.int16).view(dtype).float()
+        assert torch.equal(biased - sub, (codes - 8).float())
+    sixteenth = torch.tensor([0x2C00], dtype=torch.int16).view(torch.float16).float()
+    minus72 = torch.tensor([0xD480 - 0x10000], dtype=torch.int16).view(torch.float16).float()
+    assert "0x2C00" in source and "0xD480" in source
+    odd = ((codes << 4) | 0x6400).to(torch.int16).view(torch.float16).float()
+    assert torch.equal(odd * sixteenth + minus72, (codes - 8).float())
+
+
+def test_try_matmul_declines_cpu_tensors():
     qw = random_qweight("int4-g128-2:4", 16, 256, torch.float16, "cpu")
     assert sparse_cuda.try_matmul(torch.randn(2, 256, dtype=torch.float16), qw, None) is None
     with pytest.raises(RuntimeError, match="does not apply"):
@@ -173,7 +217,7 @@ def test_cubin_is_compiled_once_and_then_read_from_the_cache(fresh_build, monkey
     assert sparse_cuda._cubin("80") == b"cubin" and runs.read_text().count("run") == 2  # one file per architecture
 
 
-def test_missing_nvcc_warns_once_and_the_triton_kernel_runs(fresh_build, monkeypatch):
+def test_missing_nvcc_warns_once_and_is_remembered(fresh_build, monkeypatch):
     monkeypatch.setattr(sparse_cuda, "_nvcc", lambda: None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
     with pytest.warns(RuntimeWarning, match="nvcc not found"):
@@ -181,6 +225,17 @@ def test_missing_nvcc_warns_once_and_the_triton_kernel_runs(fresh_build, monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sparse_cuda._module(0) is None  # remembered: no second warning, no second build
+
+
+def test_a_failing_build_warns_with_its_error_and_caches_nothing(fresh_build, monkeypatch, tmp_path):
+    bad = tmp_path / "bad-nvcc"
+    bad.write_text("#!/bin/sh\necho 'error: no such instruction' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    monkeypatch.setattr(sparse_cuda, "_nvcc", lambda: str(bad))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    with pytest.warns(RuntimeWarning, match="nvcc failed: error: no such instruction"):
+        assert sparse_cuda._module(0) is None
+    assert not list((tmp_path / "cache").glob("*.cubin"))
 
 
 def test_disabled_by_environment_without_a_warning(fresh_build, monkeypatch):
@@ -213,14 +268,18 @@ def test_gpu_sparse_kernel_matches_reference_poisoned(scheme, dtype, cfg):
 
 
 @pytest.mark.gpu
-def test_gpu_dispatch_runs_the_sparse_kernel_and_replays_in_a_graph():
+def test_gpu_dispatch_runs_the_sparse_kernel_and_replays_in_a_graph(monkeypatch):
     qw = lowbit.quantize(torch.randn(3000, 2048, dtype=torch.float16, device="cuda"), "int4-g128-2:4")
     x = torch.randn(16, 2048, dtype=torch.float16, device="cuda")
     assert sparse_cuda.try_matmul(x, qw, None) is not None, "the CUDA kernel is available on a GPU machine"
     eager = dispatch.matmul(x, qw, None)
+    launches = []
+    launch = sparse_cuda._DRIVER.launch
+    monkeypatch.setattr(sparse_cuda._DRIVER, "launch", lambda *a: (launches.append(a[1]), launch(*a)))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = dispatch.matmul(x, qw, None)
+    assert len(launches) == 1, "the CUDA kernel (not the Triton fallback) was captured"
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()

@@ -11,8 +11,8 @@
 // (g, tig) loads 16 bytes of rows g and g+8 (pairs w = 4 tig + u): 16 groups of each row, enough for
 // the tile's eight steps (h, u): in step (h, u), chunk c < 4 of the instruction is group
 // 4c + u + 32h and chunk 4 + c is group 4c + u + 32h + 16, so each lane owns exactly the chunks its
-// A fragment holds (tig and 4 + tig) and decodes them with one shift, one LOP3 and one subtraction
-// per pair. The chunk -> group map is undone on the activations: each group of four inputs is
+// A fragment holds (tig and 4 + tig) and decodes them with a LOP3 and one half2 subtraction or
+// fma per pair (decode_step). The chunk -> group map is undone on the activations: each group of four inputs is
 // copied (8-byte cp.async) to its step's [token][chunk] row in shared memory (xor-swizzled), and one
 // ldmatrix.x4 a step gives a lane its B fragment. The position metadata is a separate tensor
 // already in register order (lowbit/kernels/sparse_cuda.py: mma_metadata): lanes with tig>>1 == h

@@ -7,10 +7,11 @@ dense int4). This kernel hands the kept values and their 2-bit positions to ``mm
 * **Build** at first use: ``nvcc -cubin`` for the device's architecture, cached under
   ``$LOWBIT_CACHE_DIR`` (default ``~/.cache/lowbit``) by source hash; loaded and launched through
   the CUDA driver API (ctypes) on torch's current stream, so CUDA graphs capture it. Without nvcc,
-  or where the build fails, :func:`try_matmul` returns None (one warning) and the Triton kernel runs.
+  or where the build fails, :func:`try_matmul` returns None (one warning) and the Triton kernel runs;
+  ``LOWBIT_SPARSE_CUDA=0`` (read at a device's first call) does the same without a warning.
 * **Weights** are read in place from the ``tiled-planes-v4`` values segment. The positions are
   re-laid out once per weight into the instruction's metadata registers (:func:`mma_metadata`,
-  cached on the positions tensor: 1 bit per dense weight).
+  cached on the positions tensor: 1 bit per dense weight of GPU memory on top of the stored 3.13).
 * **Scope**: symmetric int4 values, per-channel scales or groups a multiple of 128, fp16/bf16
   activations whose dtype is the group scales', K a multiple of 8; dispatch uses it up to
   :data:`MAX_TOKENS` tokens (:func:`matmul` runs any batch).
@@ -72,7 +73,8 @@ def supports(qw: QuantizedWeight, dtype: torch.dtype) -> bool:
 @lru_cache(maxsize=65536)  # called on every matmul
 def heuristic_config(m: int, n: int, k: int, sms: int) -> SparseConfig:
     """Token blocks to cover the batch (at most 8), 2 row blocks a warp, split-K to about 4 programs
-    per SM (the best of the probed configs at 1-128 tokens on the 70B layers, H200, session 12)."""
+    per SM: the best or within 4-14 % of the best probed config at 1-16 tokens on the 70B layers
+    (H200, session 12; 25-64 % behind past 16 tokens, where dispatch does not use the kernel)."""
     blocks = min(8, 1 << max(0, -(-m // 8) - 1).bit_length())
     programs = -(-_pack.row_blocks(n) // 8) * -(-m // (8 * blocks))
     tiles = -(-k // TILE_DENSE_K)
@@ -99,6 +101,9 @@ def _slot_map() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 _METADATA = WeakIdKeyDictionary()  # positions tensor -> (its version, metadata)
 
 
+_METADATA_CHUNK = 256  # row blocks a pass (4096 rows): bounded temporaries on 70B-sized layers
+
+
 def mma_metadata(qw: QuantizedWeight) -> torch.Tensor:
     """The ``mma.sp`` metadata of a 2:4 weight: int32 ``[row_blocks, tiles * 128]``, per 16-row block
     and 256-input tile the 4 registers of each of the 32 lanes (lane-major, 512 bytes a tile); each
@@ -107,29 +112,39 @@ def mma_metadata(qw: QuantizedWeight) -> torch.Tensor:
     stored = qw.scheme.stored_columns(k)
     tiles = _pack.padded_k(stored) // _pack.TILE_K
     blocks = _pack.row_blocks(n)
-    _, positions = _sparsity.split_codes(qw.codes())
-    p = torch.zeros(blocks * _pack.ROW_BLOCK, tiles * _pack.TILE_K, dtype=torch.int64, device=qw.device)
-    p[:, 1::2] = 1  # padding groups keep positions (0, 1): a valid metadata nibble
-    p[:n, :stored] = positions
-    nibbles = (p[:, 0::2] | (p[:, 1::2] << 2)).view(blocks, _pack.ROW_BLOCK, tiles, 64)
+    out = torch.empty(blocks, tiles * 128, dtype=torch.int32, device=qw.device)
     row, group, shift = (t.to(qw.device) for t in _slot_map())
-    picked = nibbles[:, row, :, group]  # [32, 4, 8, blocks, tiles]
-    regs = (picked << shift[..., None, None]).sum(2)  # disjoint nibbles: sum == or
-    regs = torch.where(regs >= 1 << 31, regs - (1 << 32), regs).to(torch.int32)
-    return regs.permute(2, 3, 0, 1).reshape(blocks, tiles * 128).contiguous()
+    for b0 in range(0, blocks, _METADATA_CHUNK):
+        b1 = min(blocks, b0 + _METADATA_CHUNK)
+        rows = min(n, b1 * _pack.ROW_BLOCK) - b0 * _pack.ROW_BLOCK
+        codes = _pack.unpack_codes(tuple(t[b0:b1] for t in qw.packed), qw.scheme.code_bits, stored, rows=rows,
+                                   sparse=True)
+        p = torch.zeros((b1 - b0) * _pack.ROW_BLOCK, tiles * _pack.TILE_K, dtype=torch.int32, device=qw.device)
+        p[:, 1::2] = 1  # padding groups keep positions (0, 1): a valid metadata nibble
+        p[:rows, :stored] = (codes & ((1 << _sparsity.POSITION_BITS) - 1)).to(torch.int32)
+        nibbles = (p[:, 0::2] | (p[:, 1::2] << 2)).view(b1 - b0, _pack.ROW_BLOCK, tiles, 64)
+        picked = nibbles[:, row, :, group].to(torch.int64)  # [32, 4, 8, blocks, tiles]
+        regs = (picked << shift[..., None, None]).sum(2)  # disjoint nibbles: sum == or
+        regs = torch.where(regs >= 1 << 31, regs - (1 << 32), regs).to(torch.int32)
+        out[b0:b1] = regs.permute(2, 3, 0, 1).reshape(b1 - b0, tiles * 128)
+    return out
 
 
 def _cached_metadata(qw: QuantizedWeight) -> torch.Tensor | None:
-    """:func:`mma_metadata`, built once per positions tensor (None while a CUDA graph is being
-    captured and it is not built yet: building reads the codes with allocations of its own)."""
+    """:func:`mma_metadata`, built once per positions tensor and rebuilt in place when that tensor
+    changes (so CUDA graphs captured with it read the new positions). None while a CUDA graph is
+    being captured and it is not built yet (building allocates and reads the codes)."""
     key = qw.packed[1]
+    version = 0 if key.is_inference() else key._version  # (inference tensors keep no version)
     hit = _METADATA.get(key)
-    if hit is not None and hit[0] == key._version:
+    if hit is not None and hit[0] == version:
         return hit[1]
     if key.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     meta = mma_metadata(qw)
-    _METADATA[key] = (key._version, meta)
+    if hit is not None and hit[1].shape == meta.shape:
+        meta = hit[1].copy_(meta)
+    _METADATA[key] = (version, meta)
     return meta
 
 
@@ -144,7 +159,8 @@ def _nvcc() -> str | None:
 def _cubin(arch: str) -> bytes:
     """The kernels' cubin for ``arch`` (e.g. ``"90"``), compiled once and cached by source hash."""
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + arch.encode()).hexdigest()[:16]
+    flags = ["-cubin", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("LOWBIT_CACHE_DIR", Path.home() / ".cache" / "lowbit")) / f"sparse24-{digest}-sm{arch}.cubin"
     if cache.exists():
         return cache.read_bytes()
@@ -154,8 +170,7 @@ def _cubin(arch: str) -> bytes:
     cache.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
         out = Path(tmp) / "k.cubin"
-        done = subprocess.run([nvcc, "-cubin", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", str(out),
-                               str(SOURCE)], capture_output=True, text=True)
+        done = subprocess.run([nvcc, *flags, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"nvcc failed: {done.stderr.strip()[-2000:]}")
         os.replace(out, cache)  # atomic: a concurrent build finds a whole file or none
@@ -240,10 +255,14 @@ def _function(index: int, name: str, shared: int) -> ctypes.c_void_p | None:
 def try_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None,
                cfg: SparseConfig | None = None, out: torch.Tensor | None = None,
                max_tokens: int = MAX_TOKENS) -> torch.Tensor | None:
-    """``x [M, K] @ qw.T + bias`` by the kernel, or None where it does not apply (scheme, batch past
-    ``max_tokens``, no kernel build, metadata not built yet during graph capture)."""
-    if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= max_tokens and supports(qw, x.dtype)):
+    """``x [M, K] @ qw.T + bias`` by the kernel, or None where it does not apply (scheme, an empty
+    batch or one past ``max_tokens``, no kernel build). During CUDA graph capture it also returns
+    None where the kernel or the weight's metadata is not loaded yet (loading cannot run inside a
+    capture): run a call before capturing, as warm-up does, or the graph keeps the Triton kernel."""
+    if not (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= max_tokens and supports(qw, x.dtype)):
         return None
+    if x.shape[1] != qw.in_features or x.device != qw.device:
+        raise ValueError(f"x must be [M, {qw.in_features}] on {qw.device}, got {tuple(x.shape)} on {x.device}")
     x = x.contiguous()
     if x.data_ptr() % 8:  # 8-byte copies of four inputs
         return None
@@ -253,7 +272,10 @@ def try_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None,
     cfg = cfg or heuristic_config(x.shape[0], qw.out_features, qw.in_features, _num_sms(x.device))
     kind = "channel" if qw.scheme.per_channel else "group"
     dt = "f16" if x.dtype == torch.float16 else "bf16"
-    fn = _function(index, f"sparse24_int4_{dt}_mt{cfg.token_blocks}_r{cfg.row_blocks}_{kind}", _shared_bytes(cfg))
+    name = f"sparse24_int4_{dt}_mt{cfg.token_blocks}_r{cfg.row_blocks}_{kind}"
+    if (index, name) not in _FUNCTIONS and torch.cuda.is_current_stream_capturing():
+        return None
+    fn = _function(index, name, _shared_bytes(cfg))
     meta = None if fn is None else _cached_metadata(qw)
     if meta is None:
         return None
@@ -289,13 +311,14 @@ def _launch(fn, x, qw, meta, bias, cfg: SparseConfig, out) -> torch.Tensor:
     split = -(-tiles // per_split)  # no empty split
     blocks = _pack.row_blocks(n)
     grid = (-(-blocks // (4 * cfg.row_blocks)), split, -(-m // (8 * cfg.token_blocks)))
-    partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    counters = _counters(x.device, grid[0] * grid[2]) if split > 1 else out
+    partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else None
+    counters = _counters(x.device, grid[0] * grid[2]) if split > 1 else None
     values = qw.packed[0]
     ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
     args = [ptr(x.data_ptr()), ptr(values.data_ptr()), i64(values.stride(0) // 8), ptr(meta.data_ptr()),
             i64(meta.stride(0) // 4), ptr(qw.scales.data_ptr()), ptr(0 if bias is None else bias.data_ptr()),
-            ptr(out.data_ptr()), ptr(partial.data_ptr()), ptr(counters.data_ptr()), i32(m), i32(n), i32(k),
+            ptr(out.data_ptr()), ptr(0 if partial is None else partial.data_ptr()),
+            ptr(0 if counters is None else counters.data_ptr()), i32(m), i32(n), i32(k),
             i32(per_split), i32(tiles), i32(max(qw.scheme.group_size, 1)), i32(qw.num_groups), i32(blocks)]
     stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
     _DRIVER.launch(fn, grid, (128, 1, 1), _shared_bytes(cfg), stream, args)
