@@ -14,6 +14,7 @@ set -u
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 LOG="$OUT/session.log"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export LOWBIT_CACHE_DIR=${LOWBIT_CACHE_DIR:-$PWD/build/cubin}  # the 2:4 CUDA kernel: carry build/cubin, built here with python -m lowbit.kernels.sparse_cuda --arch 90
 export LOWBIT_COMMIT=${LOWBIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 
 step() {  # step NAME TIMEOUT COMMAND...: run, append its output to the log, print its tail

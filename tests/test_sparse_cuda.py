@@ -217,6 +217,16 @@ def test_cubin_is_compiled_once_and_then_read_from_the_cache(fresh_build, monkey
     assert sparse_cuda._cubin("80") == b"cubin" and runs.read_text().count("run") == 2  # one file per architecture
 
 
+def test_build_command_fills_the_cache_ahead_of_first_use(fresh_build, monkeypatch, capsys):
+    nvcc, runs = fresh_build
+    monkeypatch.setattr(sparse_cuda, "_nvcc", lambda: str(nvcc))
+    assert sparse_cuda.main(["--arch", "80", "90"]) == 0
+    assert runs.read_text().count("run") == 2 and "sm_90: 5 bytes" in capsys.readouterr().out
+    monkeypatch.setattr(sparse_cuda, "_nvcc", lambda: None)
+    assert sparse_cuda.main(["--arch", "90"]) == 0  # cached: no compiler needed
+    assert sparse_cuda.main(["--arch", "86"]) == 1 and "nvcc not found" in capsys.readouterr().out
+
+
 def test_missing_nvcc_warns_once_and_is_remembered(fresh_build, monkeypatch):
     monkeypatch.setattr(sparse_cuda, "_nvcc", lambda: None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))

@@ -156,12 +156,16 @@ def _nvcc() -> str | None:
     return None
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LOWBIT_CACHE_DIR", Path.home() / ".cache" / "lowbit"))
+
+
 def _cubin(arch: str) -> bytes:
     """The kernels' cubin for ``arch`` (e.g. ``"90"``), compiled once and cached by source hash."""
     source = SOURCE.read_bytes()
     flags = ["-cubin", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("LOWBIT_CACHE_DIR", Path.home() / ".cache" / "lowbit")) / f"sparse24-{digest}-sm{arch}.cubin"
+    cache = _cache_dir() / f"sparse24-{digest}-sm{arch}.cubin"
     if cache.exists():
         return cache.read_bytes()
     nvcc = _nvcc()
@@ -323,3 +327,29 @@ def _launch(fn, x, qw, meta, bias, cfg: SparseConfig, out) -> torch.Tensor:
     stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
     _DRIVER.launch(fn, grid, (128, 1, 1), _shared_bytes(cfg), stream, args)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lowbit.kernels.sparse_cuda [--arch 90 ...]``: build the cubin(s) into the cache ahead
+    of first use (a deployment step, or on a machine with nvcc for one without it)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lowbit.kernels.sparse_cuda", description=main.__doc__)
+    p.add_argument("--arch", nargs="+", default=None,
+                   help="compute capabilities without the dot, e.g. 80 90 (default: the visible GPUs')")
+    a = p.parse_args(argv)
+    archs = a.arch or sorted({"%d%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    if not archs:
+        p.error("no GPU visible: name the architectures with --arch")
+    for arch in archs:
+        try:
+            _cubin(arch)
+        except RuntimeError as e:
+            print(f"sm_{arch}: {e}")
+            return 1
+        print(f"sm_{arch}: {len(_cubin(arch))} bytes in {_cache_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
