@@ -6,6 +6,7 @@ order) through the PTX ISA's register layout of ``mma.sp.m16n8k32``, and must gi
 The ``gpu`` tests run the kernel itself against the reference.
 """
 
+import re
 import warnings
 
 import pytest
@@ -161,14 +162,12 @@ def test_metadata_built_in_chunks_of_row_blocks_is_the_same(monkeypatch):
 
 
 def test_config_instances_are_the_ones_the_source_compiles():
-    import re
     source = sparse_cuda.SOURCE.read_text()
     compiled = {(int(mt), int(r)) for mt, r in re.findall(r"LOWBIT_SPARSE24\(BF16, DT, (\d+), (\d+), CHANNEL, KIND\)", source)}
     assert compiled == set(sparse_cuda.INSTANCES)
 
 
 def _constant(source: str, name: str, which: int = 0) -> int:
-    import re
     return int(re.findall(name + r" = (0x[0-9a-fA-F]+)u", source)[which], 16)
 
 

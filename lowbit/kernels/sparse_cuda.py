@@ -99,8 +99,6 @@ def _slot_map() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 _METADATA = WeakIdKeyDictionary()  # positions tensor -> (its version, metadata)
-
-
 _METADATA_CHUNK = 256  # row blocks a pass (4096 rows): bounded temporaries on 70B-sized layers
 
 
@@ -121,7 +119,7 @@ def mma_metadata(qw: QuantizedWeight) -> torch.Tensor:
                                    sparse=True)
         p = torch.zeros((b1 - b0) * _pack.ROW_BLOCK, tiles * _pack.TILE_K, dtype=torch.int32, device=qw.device)
         p[:, 1::2] = 1  # padding groups keep positions (0, 1): a valid metadata nibble
-        p[:rows, :stored] = (codes & ((1 << _sparsity.POSITION_BITS) - 1)).to(torch.int32)
+        p[:rows, :stored] = _sparsity.split_codes(codes)[1].to(torch.int32)
         nibbles = (p[:, 0::2] | (p[:, 1::2] << 2)).view(b1 - b0, _pack.ROW_BLOCK, tiles, 64)
         picked = nibbles[:, row, :, group].to(torch.int64)  # [32, 4, 8, blocks, tiles]
         regs = (picked << shift[..., None, None]).sum(2)  # disjoint nibbles: sum == or
@@ -343,11 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no GPU visible: name the architectures with --arch")
     for arch in archs:
         try:
-            _cubin(arch)
+            image = _cubin(arch)
         except RuntimeError as e:
             print(f"sm_{arch}: {e}")
             return 1
-        print(f"sm_{arch}: {len(_cubin(arch))} bytes in {_cache_dir()}")
+        print(f"sm_{arch}: {len(image)} bytes in {_cache_dir()}")
     return 0
 
 
